@@ -1,0 +1,289 @@
+"""Activation pruning of the tensors saved for the weight gradient (SPEC section 4).
+
+For every conv/linear layer in training mode, the copy of its input that autograd keeps for
+backward is replaced by a Top-K pruned, compact copy (int32 flat indices + values of the entries
+with `|x| >= threshold`). The forward output and the input gradient are computed from the dense
+input and the full weight, exactly as without pruning; only `dL/dW` sees the pruned input.
+
+Mechanism: a forward pre-hook on each layer installs a `saved_tensors_hooks` pair for the duration
+of that layer's forward (inner hooks take precedence over outer ones), and the pack hook swaps the
+layer's own input for its compact copy. Three more things make the saving real:
+
+* ReLUs are swapped for `CompactReLU`, which keeps a bit-packed sign mask (1/32 of fp32) instead of
+  its output; otherwise the dense ReLU output, which is the next conv's input, would stay alive.
+* The layer's effective Powerprop weight `w = sign(v)|v|^beta`, also saved by the conv, is stored as
+  "recompute from v" (v is the parameter, alive anyway) and rebuilt bit-identically in backward.
+* Thresholds are selected rarely. The keep fraction of a layer is its weight density, read once
+  per fit by `refresh()` (with beta > 1 and no momentum zeros are frozen, so it is constant within
+  a round); with `threshold="first_batch"` (the authors' behaviour, the default) a conv layer's
+  threshold is selected on the first pruned batch of a fit and reused, linear layers select per
+  step; `threshold="per_step"` selects for every layer at every step.
+
+What stays dense by construction: BatchNorm inputs (the conv outputs BN needs for its backward) and
+the network input. Compaction (`nonzero`) synchronises with the device once per pruned layer per
+step on CUDA; on CPU it costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.hooks import RemovableHandle
+
+from sparsyfed_lightning.sparse.layers import prunable_layers, stored_weight
+from sparsyfed_lightning.sparse.memory import record_compact
+from sparsyfed_lightning.sparse.powerprop import _SignedPower, signed_power
+from sparsyfed_lightning.sparse.pruning import magnitude_threshold
+
+MIN_KEEP_FRACTION = 1e-7  # SPEC 4.1: avoids k = 0 when a whole layer has been pruned away
+ThresholdMode = Literal["first_batch", "per_step"]
+
+
+class CompactTensor:
+    """A tensor stored as the flat int32 indices and values of its entries with `|x| >= threshold`."""
+
+    __slots__ = ("shape", "dtype", "indices", "values")
+
+    def __init__(self, x: torch.Tensor, threshold: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+        self.indices = torch.nonzero(flat.abs() >= threshold).reshape(-1).to(index_dtype)
+        self.values = flat[self.indices]
+        self.shape = x.shape
+        self.dtype = x.dtype
+        record_compact((self.indices, self.values))
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(math.prod(self.shape), dtype=self.dtype, device=self.values.device)
+        dense.index_put_((self.indices,), self.values)
+        return dense.reshape(self.shape)
+
+
+class _RecomputedWeight:
+    """An effective Powerprop weight saved as (v, exponent) and rebuilt in backward."""
+
+    __slots__ = ("stored", "exponent")
+
+    def __init__(self, stored: torch.Tensor, exponent: float) -> None:
+        self.stored = stored
+        self.exponent = exponent
+
+    def to_dense(self) -> torch.Tensor:
+        with torch.no_grad():
+            return signed_power(self.stored, self.exponent)
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8, eight entries per byte (little-endian bit order)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).reshape(-1, 8)
+    return (padded << _SHIFTS.to(mask.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `numel` bits as a flat boolean tensor."""
+    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+class _CompactReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clamp_min(0)
+        positive = out > 0
+        packed = pack_bits(positive)
+        ctx.save_for_backward(packed)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (packed,) = ctx.saved_tensors
+        positive = unpack_bits(packed, math.prod(ctx.shape)).reshape(ctx.shape)
+        return torch.where(positive, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+class CompactReLU(nn.ReLU):
+    """ReLU whose backward keeps a bit-packed sign mask instead of the (dense) output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _CompactReLUFunction.apply(x)
+        return torch.relu(x)
+
+
+class _LayerState:
+    __slots__ = ("keep_fraction", "threshold", "freeze_threshold", "hooks")
+
+    def __init__(self, freeze_threshold: bool) -> None:
+        self.keep_fraction = 1.0
+        self.threshold: torch.Tensor | None = None
+        self.freeze_threshold = freeze_threshold
+        self.hooks: saved_tensors_hooks | None = None
+
+
+class ActivationPruning:
+    """Prune conv/linear inputs saved for backward to each layer's keep fraction; see module doc.
+
+    Args:
+        model: the network; its conv/linear layers (optionally only `layer_names`) are pruned.
+        threshold: `"first_batch"` (faithful: conv thresholds frozen after the first pruned batch
+            of a fit) or `"per_step"`.
+        keep_fraction: None for the layer's weight density (SparsyFed); a float for a fixed
+            fraction for every layer (ZeroFL).
+        refresh_every_step: re-read layer densities at every step (needed when zeros can regrow,
+            i.e. beta = 1); costs one host sync per layer per step.
+        compact_relu: swap ReLU modules for `CompactReLU` while attached.
+        layer_names: restrict pruning to these layers (default: all conv/linear layers).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: ThresholdMode = "first_batch",
+        keep_fraction: float | None = None,
+        refresh_every_step: bool = False,
+        compact_relu: bool = True,
+        layer_names: Iterable[str] | None = None,
+    ) -> None:
+        if threshold not in ("first_batch", "per_step"):
+            raise ValueError(f"threshold must be 'first_batch' or 'per_step', got {threshold!r}")
+        if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+        self.model = model
+        self.keep_fraction = keep_fraction
+        self.refresh_every_step = refresh_every_step
+        self.compact_relu = compact_relu
+        wanted = None if layer_names is None else set(layer_names)
+        self.layers: dict[str, nn.Module] = {
+            name: m for name, m in prunable_layers(model) if wanted is None or name in wanted
+        }
+        if wanted is not None and wanted - set(self.layers):
+            raise ValueError(f"unknown layers for activation pruning: {sorted(wanted - set(self.layers))}")
+        self._states = {
+            name: _LayerState(threshold == "first_batch" and not isinstance(m, nn.Linear))
+            for name, m in self.layers.items()
+        }
+        self._handles: list[RemovableHandle] = []
+        self._swapped_relus: list[tuple[nn.Module, str, nn.Module]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def attach(self) -> ActivationPruning:
+        """Install the hooks (and CompactReLUs); reads the keep fractions. Idempotent."""
+        if self._handles:
+            return self
+        for name, module in self.layers.items():
+            state = self._states[name]
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(module, state)))
+            self._handles.append(module.register_forward_hook(self._post_hook(state), always_call=True))
+        if self.compact_relu:
+            self._swap_relus()
+        self.refresh()
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and restore the original ReLU modules."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for parent, attr, original in reversed(self._swapped_relus):
+            setattr(parent, attr, original)
+        self._swapped_relus.clear()
+
+    def __enter__(self) -> ActivationPruning:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def refresh(self) -> None:
+        """Re-read keep fractions from the current weights and forget cached thresholds.
+
+        Call at the start of every local fit (one host sync for all layers together).
+        """
+        fractions = self._current_keep_fractions(self.layers.keys())
+        for name, fraction in fractions.items():
+            self._states[name].keep_fraction = fraction
+            self._states[name].threshold = None
+
+    def keep_fractions(self) -> dict[str, float]:
+        """The keep fraction currently used by each pruned layer."""
+        return {name: state.keep_fraction for name, state in self._states.items()}
+
+    # -- internals -------------------------------------------------------------------------------
+    def _current_keep_fractions(self, names: Iterable[str]) -> dict[str, float]:
+        names = list(names)
+        if self.keep_fraction is not None:
+            return dict.fromkeys(names, self.keep_fraction)
+        if not names:
+            return {}
+        counts = torch.stack([torch.count_nonzero(stored_weight(self.layers[n])) for n in names])
+        counts_host = counts.tolist()  # the single sync
+        return {
+            n: max(c / stored_weight(self.layers[n]).numel(), MIN_KEEP_FRACTION)
+            for n, c in zip(names, counts_host, strict=True)
+        }
+
+    def _pre_hook(self, module: nn.Module, state: _LayerState) -> Callable[..., None]:
+        name = next(n for n, m in self.layers.items() if m is module)
+
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if not (mod.training and torch.is_grad_enabled()):
+                return
+            if self.refresh_every_step:
+                state.keep_fraction = self._current_keep_fractions([name])[name]
+            if state.keep_fraction >= 1.0:
+                return  # a dense layer prunes nothing (round 1 of SparsyFed)
+            x = args[0]
+            if state.threshold is None or not state.freeze_threshold:
+                state.threshold = magnitude_threshold(x, state.keep_fraction)
+            state.hooks = saved_tensors_hooks(_make_pack(x, state.threshold), _unpack)
+            state.hooks.__enter__()
+
+        return hook
+
+    @staticmethod
+    def _post_hook(state: _LayerState) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: object, output: object) -> None:
+            if state.hooks is not None:
+                hooks, state.hooks = state.hooks, None
+                hooks.__exit__(None, None, None)
+
+        return hook
+
+    def _swap_relus(self) -> None:
+        for parent in self.model.modules():
+            for attr, child in list(parent.named_children()):
+                if type(child) is nn.ReLU:
+                    setattr(parent, attr, CompactReLU())
+                    self._swapped_relus.append((parent, attr, child))
+
+
+def _make_pack(x: torch.Tensor, threshold: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    input_ptr, input_numel = x.data_ptr(), x.numel()
+
+    def pack(t: torch.Tensor) -> object:
+        if t.data_ptr() == input_ptr and t.numel() == input_numel:
+            return CompactTensor(t, threshold)
+        node = t.grad_fn
+        if isinstance(node, _SignedPower._backward_cls):
+            (stored,) = node.saved_tensors
+            return _RecomputedWeight(stored, node.exponent)
+        return t
+
+    return pack
+
+
+def _unpack(packed: object) -> torch.Tensor:
+    if isinstance(packed, CompactTensor | _RecomputedWeight):
+        return packed.to_dense()
+    return packed  # type: ignore[return-value]

@@ -1,0 +1,53 @@
+"""Finding the layers that sparsity applies to, and their stored and effective weights.
+
+Every method in this project acts on the weights of `Conv1d`/`Conv2d`/`Linear` layers only
+(BatchNorm affine parameters and buffers are never pruned, SPEC section 5). When a layer carries a
+Powerprop parametrization its *stored* tensor `v` (``parametrizations.weight.original``) is what is
+trained, pruned and communicated; its *effective* weight `w` is ``module.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield `(name, module)` for every conv/linear layer, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            yield name, module
+
+
+def stored_weight(module: nn.Module) -> nn.Parameter:
+    """The trainable tensor of a layer: `v` under Powerprop, the plain weight otherwise."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original  # type: ignore[union-attr,return-value]
+    return module.weight  # type: ignore[return-value]
+
+
+def stored_weight_key(layer_name: str, module: nn.Module) -> str:
+    """The state-dict key of a layer's stored weight."""
+    prefix = f"{layer_name}." if layer_name else ""
+    if parametrize.is_parametrized(module, "weight"):
+        return f"{prefix}parametrizations.weight.original"
+    return f"{prefix}weight"
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Stored weights of every conv/linear layer keyed by their state-dict key."""
+    return {stored_weight_key(name, m): stored_weight(m) for name, m in prunable_layers(model)}
+
+
+@torch.no_grad()
+def layer_densities(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fraction of non-zero stored weights per conv/linear layer, as 0-d device tensors (no sync)."""
+    return {
+        name: torch.count_nonzero(stored_weight(m)).to(torch.float32) / stored_weight(m).numel()
+        for name, m in prunable_layers(model)
+    }

@@ -1,0 +1,98 @@
+"""Magnitude pruning and threshold selection: the one pruning routine every method shares.
+
+Count semantics follow PyTorch's `prune.global_unstructured(..., L1Unstructured, amount=s)`, which
+the authors used (SPEC 5): exactly `round(s * N)` entries with the smallest magnitude are zeroed,
+existing zeros count toward that number, and Python's `round` (half to even) is used. Where several
+entries tie at the cut, the ones with the lowest flat index are pruned first, so the result is
+deterministic (PyTorch's `topk` leaves ties unspecified).
+
+Thresholds are selected with `torch.topk` on whichever side of the cut is smaller, never with
+`kthvalue` (an order of magnitude slower on GPU, DESIGN.md), and without host syncs: every
+function here returns device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    """Return `sparsity` as a float if it lies in [0, 1), else raise a ValueError naming it."""
+    value = float(sparsity)
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+    return value
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a flat tensor, via topk on the smaller side."""
+    n = values.numel()
+    if k <= n - k + 1:
+        return torch.topk(values, k, largest=False, sorted=False).values.max()
+    return torch.topk(values, n - k + 1, largest=True, sorted=False).values.min()
+
+
+def smallest_magnitude_mask(magnitudes: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Boolean mask (same shape) of the `n_prune` smallest entries; ties pruned lowest index first."""
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    if n_prune <= 0:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    if n_prune >= n:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    cut = _kth_smallest(flat, n_prune)
+    below = flat < cut
+    ties = flat == cut
+    # Only as many tied entries as are still needed to reach n_prune, in index order.
+    still_needed = n_prune - below.sum()
+    tie_rank = torch.cumsum(ties, dim=0)
+    return (below | (ties & (tie_rank <= still_needed))).reshape(magnitudes.shape)
+
+
+def magnitude_threshold(x: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Magnitude of the k-th largest entry of `x`, `k = ceil(keep_fraction * numel)`, as a 0-d tensor.
+
+    Keeping `|x| >= threshold` keeps the top k entries plus any ties at the threshold (SPEC 2).
+    """
+    n = x.numel()
+    k = min(n, max(1, math.ceil(keep_fraction * n)))
+    magnitudes = x.detach().reshape(-1).abs()
+    return _kth_smallest(magnitudes, n - k + 1)
+
+
+@torch.no_grad()
+def prune_smallest_(tensors: Sequence[torch.Tensor], n_prune: int) -> list[torch.Tensor]:
+    """Zero the `n_prune` smallest-magnitude entries over all `tensors` jointly, in place.
+
+    Returns the keep masks (True = kept), one per tensor.
+    """
+    if not tensors:
+        return []
+    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    pruned = smallest_magnitude_mask(magnitudes, n_prune)
+    masks = []
+    for t, pruned_part in zip(tensors, torch.split(pruned, [t.numel() for t in tensors]), strict=True):
+        keep = ~pruned_part.reshape(t.shape)
+        t.mul_(keep)
+        masks.append(keep)
+    return masks
+
+
+def global_magnitude_prune(tensors: Iterable[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Prune `round(sparsity * N)` smallest magnitudes over all tensors jointly, in place (SPEC 5).
+
+    Returns the keep masks, one per tensor.
+    """
+    sparsity = check_sparsity(sparsity)
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    return prune_smallest_(tensors, round(sparsity * total))
+
+
+def layerwise_magnitude_prune(tensors: Iterable[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Prune `round(sparsity * numel)` smallest magnitudes of each tensor separately, in place."""
+    sparsity = check_sparsity(sparsity)
+    return [prune_smallest_([t], round(sparsity * t.numel()))[0] for t in tensors]
