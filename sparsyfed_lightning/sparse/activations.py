@@ -1,8 +1,8 @@
 """Activation pruning of the tensors saved for the weight gradient (SPEC section 4).
 
 For every conv/linear layer in training mode, the copy of its input that autograd keeps for
-backward is replaced by a Top-K pruned, compact copy (int32 flat indices + values of the entries
-with `|x| >= threshold`). The forward output and the input gradient are computed from the dense
+backward is replaced by a Top-K pruned, compact copy of the entries with `|x| >= threshold`
+(`CompactTensor`: a bit-packed mask + values, or int32 indices + values below 3% kept). The forward output and the input gradient are computed from the dense
 input and the full weight, exactly as without pruning; only `dL/dW` sees the pruned input.
 
 Mechanism: a forward pre-hook on each layer installs a `saved_tensors_hooks` pair for the duration
@@ -45,22 +45,39 @@ ThresholdMode = Literal["first_batch", "per_step"]
 
 
 class CompactTensor:
-    """A tensor stored as the flat int32 indices and values of its entries with `|x| >= threshold`."""
+    """The entries of a tensor with `|x| >= threshold`, stored compactly; the rest are zeros.
 
-    __slots__ = ("shape", "dtype", "indices", "values")
+    Two layouts, chosen from the expected keep fraction (a host float, so choosing costs no sync):
+    flat int32 indices + values (8 bytes per kept entry) below 1/32, a bit-packed mask + values
+    (1/8 byte per entry + 4 per kept entry) from 1/32 up. At 5% kept the bitmap is the smaller.
+    """
 
-    def __init__(self, x: torch.Tensor, threshold: torch.Tensor) -> None:
+    __slots__ = ("shape", "dtype", "indices", "bitmap", "values")
+
+    def __init__(self, x: torch.Tensor, threshold: torch.Tensor, expected_keep: float) -> None:
         flat = x.detach().reshape(-1)
-        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
-        self.indices = torch.nonzero(flat.abs() >= threshold).reshape(-1).to(index_dtype)
-        self.values = flat[self.indices]
+        keep = flat.abs() >= threshold
         self.shape = x.shape
         self.dtype = x.dtype
-        record_compact((self.indices, self.values))
+        self.indices: torch.Tensor | None = None
+        self.bitmap: torch.Tensor | None = None
+        if expected_keep < 1 / 32:
+            index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+            self.indices = torch.nonzero(keep).reshape(-1).to(index_dtype)
+            self.values = flat[self.indices]
+            record_compact((self.indices, self.values))
+        else:
+            self.bitmap = pack_bits(keep)
+            self.values = flat[keep]
+            record_compact((self.bitmap, self.values))
 
     def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(math.prod(self.shape), dtype=self.dtype, device=self.values.device)
-        dense.index_put_((self.indices,), self.values)
+        numel = math.prod(self.shape)
+        dense = torch.zeros(numel, dtype=self.dtype, device=self.values.device)
+        if self.indices is not None:
+            dense.index_put_((self.indices,), self.values)
+        else:
+            dense.masked_scatter_(unpack_bits(self.bitmap, numel), self.values)  # type: ignore[arg-type]
         return dense.reshape(self.shape)
 
 
@@ -78,20 +95,29 @@ class _RecomputedWeight:
             return signed_power(self.stored, self.exponent)
 
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# Bit packing by multiplication: viewing 8 booleans as one int64 and multiplying by this constant
+# gathers their low bits into the top byte (no carries: every partial product lands on its own bit);
+# multiplying a byte by it and masking spreads the bits back out, one per byte. Both directions
+# are three int64 passes over n/8 words, several times faster than shift-and-sum on 2 CPU cores.
+_MAGIC = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_HIGH_BITS = 0x8080808080808080 - (1 << 64)
+_LOW_BITS = 0x0101010101010101
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into uint8, eight entries per byte (little-endian bit order)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).reshape(-1, 8)
-    return (padded << _SHIFTS.to(mask.device)).sum(dim=1, dtype=torch.uint8)
+    """Pack a boolean tensor into uint8, eight entries per byte."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    words = flat.view(torch.int64)
+    return ((words * _MAGIC) >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `numel` bits as a flat boolean tensor."""
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1)[:numel].bool()
+    spread = (packed.to(torch.int64) * _MAGIC) & _HIGH_BITS
+    spread = (spread >> 7) & _LOW_BITS
+    return spread.view(torch.uint8).view(torch.bool)[:numel]
 
 
 class _CompactReLUFunction(torch.autograd.Function):
@@ -121,10 +147,12 @@ class CompactReLU(nn.ReLU):
 
 
 class _LayerState:
-    __slots__ = ("keep_fraction", "threshold", "freeze_threshold", "hooks")
+    __slots__ = ("keep_fraction", "threshold", "freeze_threshold", "hooks", "kept", "total")
 
     def __init__(self, freeze_threshold: bool) -> None:
         self.keep_fraction = 1.0
+        self.kept = 0  # entries kept in the last pruned input (host int: the shape is known)
+        self.total = 0
         self.threshold: torch.Tensor | None = None
         self.freeze_threshold = freeze_threshold
         self.hooks: saved_tensors_hooks | None = None
@@ -219,6 +247,10 @@ class ActivationPruning:
         """The keep fraction currently used by each pruned layer."""
         return {name: state.keep_fraction for name, state in self._states.items()}
 
+    def kept_fractions(self) -> dict[str, float]:
+        """Fraction of input entries actually kept at each layer's last pruned forward (1 if none)."""
+        return {n: s.kept / s.total if s.total else 1.0 for n, s in self._states.items()}
+
     # -- internals -------------------------------------------------------------------------------
     def _current_keep_fractions(self, names: Iterable[str]) -> dict[str, float]:
         names = list(names)
@@ -246,7 +278,7 @@ class ActivationPruning:
             x = args[0]
             if state.threshold is None or not state.freeze_threshold:
                 state.threshold = magnitude_threshold(x, state.keep_fraction)
-            state.hooks = saved_tensors_hooks(_make_pack(x, state.threshold), _unpack)
+            state.hooks = saved_tensors_hooks(_make_pack(x, state), _unpack)
             state.hooks.__enter__()
 
         return hook
@@ -268,12 +300,15 @@ class ActivationPruning:
                     self._swapped_relus.append((parent, attr, child))
 
 
-def _make_pack(x: torch.Tensor, threshold: torch.Tensor) -> Callable[[torch.Tensor], object]:
+def _make_pack(x: torch.Tensor, state: _LayerState) -> Callable[[torch.Tensor], object]:
     input_ptr, input_numel = x.data_ptr(), x.numel()
+    threshold = state.threshold
 
     def pack(t: torch.Tensor) -> object:
         if t.data_ptr() == input_ptr and t.numel() == input_numel:
-            return CompactTensor(t, threshold)
+            compact = CompactTensor(t, threshold, state.keep_fraction)  # type: ignore[arg-type]
+            state.kept, state.total = compact.values.numel(), input_numel
+            return compact
         node = t.grad_fn
         if isinstance(node, _SignedPower._backward_cls):
             (stored,) = node.saved_tensors

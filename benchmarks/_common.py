@@ -1,0 +1,48 @@
+"""Shared helpers for the benchmark scripts: device choice, interleaved timing, table printing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    variants: dict[str, Callable[[], None]], repeats: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each variant, running them round-robin so drift hits all alike."""
+    for _ in range(warmup):
+        for run in variants.values():
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    """Print a plain fixed-width table."""
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in [h, *[r[i] for r in rows]]) for i, h in enumerate(header)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))

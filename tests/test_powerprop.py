@@ -1,0 +1,129 @@
+"""Powerprop re-parameterisation against dense float64 references."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsyfed_lightning.models import build_model
+from sparsyfed_lightning.sparse import Powerprop, powerprop_of, powerpropify, prunable_weights, signed_power
+from sparsyfed_lightning.sparse.layers import prunable_layers
+
+
+def test_effective_weight_is_signed_power_of_stored():
+    v = torch.tensor([-2.0, -0.5, 0.0, 0.25, 3.0])
+    w = signed_power(v, 1.25)
+    expected = torch.tensor([-(2.0**1.25), -(0.5**1.25), 0.0, 0.25**1.25, 3.0**1.25])
+    torch.testing.assert_close(w, expected)
+
+
+@pytest.mark.parametrize("beta", [1.25, 2.0, 3.0])
+def test_gradient_matches_float64_reference(beta):
+    torch.manual_seed(0)
+    v = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(7, 5, dtype=torch.float64)
+    (signed_power(v, beta) * upstream).sum().backward()
+    expected = beta * v.detach().abs() ** (beta - 1) * upstream
+    torch.testing.assert_close(v.grad, expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: signed_power(t, beta), (torch.randn(4, dtype=torch.float64,
+                                                                                  requires_grad=True),))
+
+
+def _train_steps(model: nn.Module, steps: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3, momentum=0.0)
+    torch.manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 1, 8, 8)
+        y = torch.randint(0, 3, (4,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _zero_some_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    zero_masks = {}
+    with torch.no_grad():
+        for key, v in prunable_weights(model).items():
+            mask = torch.rand_like(v) < 0.5
+            v[mask] = 0.0
+            zero_masks[key] = mask
+    return zero_masks
+
+
+def test_zero_weights_stay_zero_with_beta_above_one():
+    torch.manual_seed(0)
+    model = powerpropify(build_model("small_cnn", 3, width=4), 1.25)
+    zero_masks = _zero_some_weights(model)
+    _train_steps(model, 50)
+    for key, v in prunable_weights(model).items():
+        assert torch.all(v[zero_masks[key]] == 0), key
+        assert torch.any(v[~zero_masks[key]] != 0), key
+
+
+def test_zero_weights_regrow_with_beta_one():
+    torch.manual_seed(0)
+    model = powerpropify(build_model("small_cnn", 3, width=4), 1.0)
+    zero_masks = _zero_some_weights(model)
+    _train_steps(model, 50)
+    regrown = sum(int((v[zero_masks[key]] != 0).sum()) for key, v in prunable_weights(model).items())
+    assert regrown > 0
+
+
+def test_wrapping_keeps_effective_weights_and_covers_every_layer():
+    torch.manual_seed(0)
+    plain = build_model("resnet18_cifar", 10, seed=3)
+    wrapped = powerpropify(copy.deepcopy(plain), 1.25)
+    wrapped_layers = dict(prunable_layers(wrapped))
+    for name, module in prunable_layers(plain):
+        assert powerprop_of(wrapped_layers[name]) is not None, name
+        torch.testing.assert_close(wrapped_layers[name].weight, module.weight, rtol=1e-5, atol=1e-7)
+    assert powerprop_of(wrapped.conv1) is not None and powerprop_of(wrapped.fc) is not None
+    for name, module in wrapped.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert not hasattr(module, "parametrizations"), name
+
+
+def test_stored_weights_follow_inverse_power_of_initial_weights():
+    plain = build_model("small_cnn", 3, seed=1)
+    wrapped = powerpropify(copy.deepcopy(plain), 2.0)
+    w = plain[0].weight.detach()
+    v = wrapped[0].parametrizations.weight.original.detach()
+    torch.testing.assert_close(v, torch.sign(w) * w.abs().sqrt())
+
+
+def test_state_dict_round_trip_into_fresh_wrapped_model():
+    source = powerpropify(build_model("small_cnn", 3, seed=1), 1.25)
+    _train_steps(source, 3)
+    target = powerpropify(build_model("small_cnn", 3, seed=2), 1.25)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(5, 1, 8, 8)
+    source.eval(), target.eval()
+    assert torch.equal(source(x), target(x))
+    assert any(k.endswith("parametrizations.weight.original") for k in source.state_dict())
+
+
+def test_beta_one_is_a_no_op_and_beta_below_one_is_rejected():
+    model = build_model("small_cnn", 3)
+    assert powerpropify(model, 1.0) is model
+    assert all(powerprop_of(m) is None for _, m in prunable_layers(model))
+    with pytest.raises(ValueError, match="0.5"):
+        powerpropify(model, 0.5)
+    with pytest.raises(ValueError):
+        Powerprop(0.9)
+
+
+def test_wrapped_and_unwrapped_models_agree_at_beta_one():
+    from torch.nn.utils import parametrize
+
+    plain = build_model("small_cnn", 4, seed=0)
+    wrapped = copy.deepcopy(plain)
+    for _, module in prunable_layers(wrapped):
+        parametrize.register_parametrization(module, "weight", Powerprop(1.0))
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.randint(0, 4, (6,))
+    for model in (plain, wrapped):
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.equal(plain(x), wrapped(x))
+    for (name, p), q in zip(prunable_weights(plain).items(), prunable_weights(wrapped).values(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
