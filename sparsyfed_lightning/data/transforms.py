@@ -1,0 +1,99 @@
+"""Image decoding, the paper's normalisation, and optional augmentation.
+
+* Decoding: stored images (`{"bytes", "path"}` structs, as `datasets.Image` keeps them, or raw
+  bytes) are decoded with PIL once per split into one uint8 tensor `(N, C, H, W)`. Colour images
+  become RGB, grey ones stay single-channel (decided by the first row).
+* Normalisation (SPEC 13.1): `ToTensor` (uint8 -> [0, 1]) followed by `Normalize(0.5, 0.5)` per
+  channel, applied once to the whole split with `torchvision.transforms.v2.functional`, never per
+  epoch. Inputs already scaled to [0, 1] (the digits) get the same `Normalize`.
+* Augmentation (off by default; the paper uses none): per sample a `v2.RandomCrop` to the input
+  size with `H // 8` padding (4 for CIFAR) filled with normalised black (-1), then
+  `v2.RandomHorizontalFlip`. It runs inside the loader on each batch and uses torch's global RNG.
+  Flips are not label-preserving for digits; augmentation is meant for CIFAR.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def decode_image(value: dict | bytes | None):
+    """Open one stored image value with PIL (bytes preferred, else the path)."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        source = io.BytesIO(data) if data else path
+    else:
+        source = io.BytesIO(value) if value else None
+    if source is None:
+        raise ValueError("no bytes and no path")
+    image = Image.open(source)
+    image.load()
+    return image
+
+
+def materialise_images(values: Iterable[tuple[int, dict | bytes | None]], *, describe: str) -> torch.Tensor:
+    """Decode `(row, value)` items into one uint8 tensor `(N, C, H, W)`.
+
+    `describe` names the dataset, split and column in errors. Every image must have the size and
+    channel layout of the first one.
+    """
+    arrays: list[np.ndarray] = []
+    mode = None
+    for row, value in values:
+        try:
+            image = decode_image(value)
+        except Exception as err:  # PIL raises UnidentifiedImageError/OSError/... on bad bytes
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"{describe}: row {row} cannot be decoded as an image: {reason}") from err
+        if mode is None:
+            mode = "L" if image.mode in _GREY_MODES else "RGB"
+        array = np.asarray(image.convert(mode), dtype=np.uint8)
+        if arrays and array.shape != arrays[0].shape:
+            raise ValueError(
+                f"{describe}: row {row} has shape {array.shape}, but row 0 has {arrays[0].shape}; "
+                "all images must have the same size"
+            )
+        arrays.append(array)
+    if not arrays:
+        return torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
+    stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[..., None]
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """`ToTensor` + `Normalize(0.5, 0.5)` per channel of a batch `(N, C, ...)` (uint8 or floats in [0, 1])."""
+    from torchvision.transforms.v2 import functional as F
+
+    x = F.to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 else images.float()
+    channels = x.shape[1]
+    return F.normalize(x, mean=[0.5] * channels, std=[0.5] * channels)
+
+
+class RandomCropFlip:
+    """Per-sample `v2.RandomCrop` (with padding) + `v2.RandomHorizontalFlip` on a normalised batch."""
+
+    def __init__(self, height: int, width: int, padding: int | None = None) -> None:
+        from torchvision.transforms import v2
+
+        self.padding = max(1, height // 8) if padding is None else padding
+        self.per_sample = v2.Compose(
+            [
+                v2.RandomCrop((height, width), padding=self.padding, fill=-1.0),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        # v2 transforms draw one set of parameters per call, so a batch call would crop every
+        # sample the same way; one call per sample keeps them independent.
+        return torch.stack([self.per_sample(sample) for sample in batch])
