@@ -81,3 +81,11 @@ def test_threshold_is_kth_largest_magnitude(keep):
     k = min(x.numel(), max(1, int(np.ceil(keep * x.numel()))))
     expected = np.sort(np.abs(x.numpy()).ravel())[::-1][k - 1]
     assert magnitude_threshold(x, keep).item() == pytest.approx(float(expected), abs=0)
+
+
+def test_pruned_entries_are_positive_zeros():
+    t = -torch.rand(1000) - 0.1  # all negative: a multiplicative mask would leave -0.0
+    global_magnitude_prune([t], 0.9)
+    zeros = t[t == 0]
+    assert zeros.numel() == 900
+    assert not torch.any(torch.signbit(zeros))

@@ -3,7 +3,12 @@
 import torch
 
 from sparsyfed_lightning.models import build_model
-from sparsyfed_lightning.sparse import powerprop_of, powerpropify, spectral_exponent, update_spectral_exponents
+from sparsyfed_lightning.sparse import (
+    powerprop_of,
+    powerpropify,
+    spectral_exponent,
+    update_spectral_exponents,
+)
 from sparsyfed_lightning.sparse.layers import prunable_layers
 from sparsyfed_lightning.sparse.spectral import power_iteration_sigma
 

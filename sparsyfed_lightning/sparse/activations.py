@@ -2,8 +2,9 @@
 
 For every conv/linear layer in training mode, the copy of its input that autograd keeps for
 backward is replaced by a Top-K pruned, compact copy of the entries with `|x| >= threshold`
-(`CompactTensor`: a bit-packed mask + values, or int32 indices + values below 3% kept). The forward output and the input gradient are computed from the dense
-input and the full weight, exactly as without pruning; only `dL/dW` sees the pruned input.
+(`CompactTensor`: a bit-packed mask + values, or int32 indices + values below 3% kept). The
+forward output and the input gradient are computed from the dense input and the full weight,
+exactly as without pruning; only `dL/dW` sees the pruned input.
 
 Mechanism: a forward pre-hook on each layer installs a `saved_tensors_hooks` pair for the duration
 of that layer's forward (inner hooks take precedence over outer ones), and the pack hook swaps the

@@ -76,7 +76,7 @@ def prune_smallest_(tensors: Sequence[torch.Tensor], n_prune: int) -> list[torch
     masks = []
     for t, pruned_part in zip(tensors, torch.split(pruned, [t.numel() for t in tensors]), strict=True):
         keep = ~pruned_part.reshape(t.shape)
-        t.mul_(keep)
+        t.masked_fill_(~keep, 0)  # not mul_: -x * 0 is -0.0, which a bit-exact codec must send
         masks.append(keep)
     return masks
 

@@ -70,6 +70,6 @@ class WeightTopK:
                 threshold = magnitude_threshold(weight, self.keep_fraction)
                 self._thresholds[name] = threshold
             with torch.no_grad():
-                weight.mul_(weight.abs() >= threshold)
+                weight.masked_fill_(weight.abs() < threshold, 0)
 
         return hook

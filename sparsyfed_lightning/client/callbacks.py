@@ -1,0 +1,169 @@
+"""Lightning callbacks that carry each method's client-side behaviour.
+
+Every callback is built once per run and reused by every client fit: `on_fit_start` re-reads the
+freshly loaded global model (layer densities, masks, thresholds), so nothing carries over between
+clients. They act on `pl_module.net`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from sparsyfed_lightning.sparse import (
+    ActivationPruning,
+    WeightTopK,
+    global_magnitude_prune,
+    prunable_layers,
+    prunable_weights,
+    update_spectral_exponents,
+)
+
+
+class ActivationPruningCallback(L.Callback):
+    """Prune the activations saved for the weight gradient (SPEC 4; see `ActivationPruning`).
+
+    Args:
+        threshold: "first_batch" (faithful, conv thresholds frozen after a fit's first batch) or
+            "per_step".
+        keep_fraction: None to follow each layer's weight density (SparsyFed), or a fixed fraction
+            (ZeroFL).
+        refresh_every_step: re-read layer densities at every step (when zeros can regrow, beta = 1).
+        skip_layers: layer names left unpruned (ZeroFL's dense stem).
+    """
+
+    def __init__(
+        self,
+        threshold: Literal["first_batch", "per_step"] = "first_batch",
+        keep_fraction: float | None = None,
+        refresh_every_step: bool = False,
+        skip_layers: Iterable[str] = (),
+    ) -> None:
+        self.threshold = threshold
+        self.keep_fraction = keep_fraction
+        self.refresh_every_step = refresh_every_step
+        self.skip_layers = set(skip_layers)
+        self.pruning: ActivationPruning | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.pruning is None or self.pruning.model is not pl_module.net:
+            names = [n for n, _ in prunable_layers(pl_module.net) if n not in self.skip_layers]
+            self.pruning = ActivationPruning(
+                pl_module.net,
+                threshold=self.threshold,
+                keep_fraction=self.keep_fraction,
+                refresh_every_step=self.refresh_every_step,
+                layer_names=names,
+            )
+        self.pruning.attach()  # reads this fit's layer densities; thresholds start afresh
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.pruning is not None:
+            self.pruning.detach()
+
+
+class WeightTopKCallback(L.Callback):
+    """ZeroFL's SWAT weight Top-K in every training forward (SPEC 12.3)."""
+
+    def __init__(self, sparsity: float, skip_layers: Iterable[str] = ()) -> None:
+        self.sparsity = sparsity
+        self.skip_layers = set(skip_layers)
+        self.topk: WeightTopK | None = None
+        self._net: torch.nn.Module | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.topk is None or self._net is not pl_module.net:
+            names = [n for n, _ in prunable_layers(pl_module.net) if n not in self.skip_layers]
+            self.topk = WeightTopK(pl_module.net, self.sparsity, layer_names=names)
+            self._net = pl_module.net
+        self.topk.attach()
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.topk is not None:
+            self.topk.detach()
+
+
+class GradientMaskCallback(L.Callback):
+    """FLASH: freeze the support of the received model by masking every gradient (SPEC 12.4).
+
+    The mask is `param != 0` for every parameter at the start of the fit; with weight decay a
+    masked weight stays 0 because its decay term is 0 too.
+    """
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.masks = [p.detach() != 0 for p in pl_module.parameters()]
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        for p, mask in zip(pl_module.parameters(), self.masks, strict=True):
+            if p.grad is not None:
+                p.grad.mul_(mask)
+
+
+class SpectralExponentCallback(L.Callback):
+    """Recompute every Powerprop layer's spectral exponent when a fit starts (SPEC 10)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        update_spectral_exponents(pl_module.net, self.seed)
+
+
+class RegrowthStats:
+    """Activated/deactivated counts of a client against the model it received (SPEC 9.2)."""
+
+    def __init__(self) -> None:
+        self.reference: list[torch.Tensor] = []
+        self.stats: dict[str, int] = {}
+
+    def snapshot(self, module: torch.nn.Module) -> None:
+        self.reference = [p.detach() != 0 for p in module.parameters()]
+        self.stats = {}
+
+    def measure(self, module: torch.nn.Module, prefix: str) -> None:
+        counts = []
+        for p, ref in zip(module.parameters(), self.reference, strict=True):
+            nonzero = p.detach() != 0
+            counts.append(torch.stack([(nonzero & ~ref).sum(), (~nonzero & ref).sum()]))
+        activated, deactivated = torch.stack(counts).sum(0).tolist()  # one sync
+        self.stats[f"{prefix}_activated"] = activated
+        self.stats[f"{prefix}_deactivated"] = deactivated
+
+
+class EndOfFitPruning(L.Callback):
+    """Global magnitude pruning of the local model's stored conv/linear weights (SPEC 5).
+
+    Also measures weight regrowth against the received model after training and after pruning over
+    all parameters (SPEC 9.2): `after_training_activated`, `after_pruning_deactivated`, ...
+    """
+
+    def __init__(self, sparsity: float) -> None:
+        self.sparsity = sparsity
+        self.regrowth = RegrowthStats()
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.regrowth.snapshot(pl_module.net)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.regrowth.measure(pl_module.net, "after_training")
+        if self.sparsity > 0:
+            global_magnitude_prune(prunable_weights(pl_module.net).values(), self.sparsity)
+        self.regrowth.measure(pl_module.net, "after_pruning")

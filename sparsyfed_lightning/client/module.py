@@ -1,0 +1,113 @@
+"""`ClientModule`: the LightningModule every client (and the server's evaluation) runs.
+
+One module instance serves a whole run: the orchestrator loads the global state into it before each
+client fit and reads the trained state out afterwards, so nothing is rebuilt per client. The
+optimizer is created fresh by every `Trainer.fit` (`configure_optimizers`), which is the authors'
+"no optimizer state across rounds" (SPEC 4.4); `lr` is rewritten by the orchestrator every round.
+
+The training step keeps its running loss on the device and logs once per epoch: a `self.log` per
+step costs more than the arithmetic of the small models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from sparsyfed_lightning.models import build_model
+
+
+class ClientModule(L.LightningModule):
+    """Classifier trained with SGD and cross-entropy; the sparse behaviour comes from callbacks.
+
+    Args:
+        backbone: a name from `sparsyfed_lightning.models.MODELS`.
+        num_classes: number of classes (linked from the data module by the CLI).
+        lr: client learning rate of round 1 before decay (the orchestrator sets each round's value).
+        weight_decay: SGD weight decay (the paper: 1e-3).
+        momentum: SGD momentum (the paper: 0; zero weights stay frozen under any value when beta > 1,
+            but the faithful setting has none).
+        backbone_kwargs: extra keyword arguments of the backbone builder (e.g. `width`, `in_channels`).
+        init_seed: seed of the initial weights (the server's single random initial model).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        num_classes: int = 10,
+        lr: float = 0.1,
+        weight_decay: float = 1e-3,
+        momentum: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
+        self.save_hyperparameters()
+        self.lr = lr
+        self.net: nn.Module = build_model(backbone, num_classes, seed=init_seed, **(backbone_kwargs or {}))
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._train_loss_sum: torch.Tensor | None = None
+        self._train_batches = 0
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if stage == "train":
+            detached = loss.detach()
+            self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
+            self._train_batches += 1
+        else:
+            accuracy = self.val_accuracy if stage == "val" else self.test_accuracy
+            accuracy.update(logits, y)
+            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0])
+            self.log(f"{stage}_accuracy", accuracy, on_step=False, on_epoch=True)
+        return loss
+
+    @override
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    @override
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    @override
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum = None
+        self._train_batches = 0
+
+    def mean_train_loss(self) -> float:
+        """Mean training loss over the batches of the last epoch (one host sync)."""
+        if self._train_loss_sum is None or self._train_batches == 0:
+            return float("nan")
+        return float(self._train_loss_sum) / self._train_batches
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.net.parameters(),
+            lr=self.lr,
+            weight_decay=self.hparams.weight_decay,
+            momentum=self.hparams.momentum,
+        )

@@ -1,0 +1,362 @@
+"""`FederatedTrainer`: a `lightning.Trainer` whose `fit` runs federated rounds.
+
+LightningCLI accepts only a `Trainer` subclass as `trainer_class`; its extra typed keyword
+arguments (rounds, clients per round, method, server optimizer, ...) are parsed from the config like
+any Trainer argument. `fit(model, datamodule=...)` runs the round loop:
+
+    sample -> broadcast (encoded) -> fit each client with Lightning -> prune/encode uplink ->
+    aggregate (sample-weighted, every state entry) -> method server rule -> server optimizer ->
+    evaluate on the central test set (round 0, every `eval_every` rounds, the last round) -> log.
+
+Client fits run on an inner, quiet `lightning.Trainer` reused for every client (see
+`ClientRunner`); this Trainer's own `logger` receives one row of metrics per round. With a
+`run_dir`, every round is also appended to `run_dir/metrics.jsonl`, a checkpoint is written
+atomically every `checkpoint_every` rounds and at the end, and the final global model is saved as
+`run_dir/global_model.pt`. `fit(..., ckpt_path=run_dir/checkpoint.pt)` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from sparsyfed_lightning.client.module import ClientModule
+from sparsyfed_lightning.federated.checkpoint import load_checkpoint, save_atomic
+from sparsyfed_lightning.federated.client_runner import ClientRunner, state_on_cpu
+from sparsyfed_lightning.federated.engines import InProcessEngine
+from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress
+from sparsyfed_lightning.federated.sampling import ClientSampler, UniformSampler
+from sparsyfed_lightning.federated.schedule import exponential_lr
+from sparsyfed_lightning.federated.server import FederatedServer
+from sparsyfed_lightning.methods.base import Method
+from sparsyfed_lightning.methods.sparsyfed import SparsyFed
+from sparsyfed_lightning.server.optimizers import FedAvg, ServerOptimizer
+from sparsyfed_lightning.sparse import prunable_weights
+
+# Trainer arguments that also shape a client fit (the rest - logger, callbacks, ... - are the
+# federated run's own).
+_CLIENT_TRAINER_KEYS = (
+    "accelerator",
+    "strategy",
+    "devices",
+    "num_nodes",
+    "precision",
+    "deterministic",
+    "benchmark",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "accumulate_grad_batches",
+    "limit_train_batches",
+)
+CHECKPOINT_NAME = "checkpoint.pt"
+FINAL_MODEL_NAME = "global_model.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class FederatedTrainer(L.Trainer):
+    """Runs federated rounds; every other Trainer argument is passed to Lightning.
+
+    Args:
+        method: the federated method (default `SparsyFed()`: 95% sparsity, beta 1.25).
+        server_optimizer: applied to the pseudo-gradient (default `FedAvg()`).
+        rounds: number of federated rounds.
+        clients_per_round: clients sampled per round.
+        local_epochs: local epochs per client fit.
+        lr_final: client learning rate reached at round `lr_decay_rounds` with exponential decay
+            from the model's `lr` (SPEC 4.4); None keeps the learning rate constant.
+        lr_decay_rounds: T of the decay (default: `rounds`).
+        eval_every: evaluate the global model every this many rounds (and at rounds 0 and last).
+        sampler: client sampler (default uniform without replacement, seeded by `seed`).
+        seed: seed of sampling and of every client's local training.
+        accept_failures: continue a round when clients fail (else the run stops at the first).
+        min_successful_clients: fewest successful clients a round needs when failures are accepted.
+        iou_lag: rounds between pooled lagged mask-IoU snapshots (SPEC 9.3: 11; 0 disables).
+        run_dir: folder for metrics.jsonl, checkpoints and the final model (None: keep in memory).
+        checkpoint_every: write a checkpoint every this many rounds (0: only at the end).
+        optimizer_on_buffers: the server optimizer also steps BatchNorm buffers (faithful: True);
+            False gives them the plain weighted average (safer with momentum/adaptive optimizers).
+        engine: "inprocess" (default) or "flower".
+        progress: "auto" (a bar on a terminal, lines otherwise), "rich", "plain" or "none".
+    """
+
+    def __init__(
+        self,
+        *,
+        method: Method | None = None,
+        server_optimizer: ServerOptimizer | None = None,
+        rounds: int = 10,
+        clients_per_round: int = 10,
+        local_epochs: int = 1,
+        lr_final: float | None = None,
+        lr_decay_rounds: int | None = None,
+        eval_every: int = 1,
+        sampler: ClientSampler | None = None,
+        seed: int = 0,
+        accept_failures: bool = False,
+        min_successful_clients: int = 1,
+        iou_lag: int = 11,
+        run_dir: str | None = None,
+        checkpoint_every: int = 0,
+        optimizer_on_buffers: bool = True,
+        engine: Literal["inprocess", "flower"] = "inprocess",
+        progress: ProgressMode = "auto",
+        **kwargs: Any,
+    ) -> None:
+        for name, value, minimum in (
+            ("rounds", rounds, 1),
+            ("clients_per_round", clients_per_round, 1),
+            ("local_epochs", local_epochs, 1),
+            ("eval_every", eval_every, 1),
+            ("min_successful_clients", min_successful_clients, 1),
+            ("iou_lag", iou_lag, 0),
+            ("checkpoint_every", checkpoint_every, 0),
+        ):
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"trainer.{name} must be an integer >= {minimum}, got {value!r}")
+        if lr_final is not None and not (math.isfinite(lr_final) and lr_final > 0):
+            raise ValueError(f"trainer.lr_final must be > 0 or null, got {lr_final!r}")
+        if lr_decay_rounds is not None and lr_decay_rounds < 1:
+            raise ValueError(f"trainer.lr_decay_rounds must be >= 1 or null, got {lr_decay_rounds!r}")
+        if engine not in ("inprocess", "flower"):
+            raise ValueError(f"trainer.engine must be 'inprocess' or 'flower', got {engine!r}")
+        self.method = method if method is not None else SparsyFed()
+        self.server_optimizer = server_optimizer if server_optimizer is not None else FedAvg()
+        self.rounds = rounds
+        self.clients_per_round = clients_per_round
+        self.local_epochs = local_epochs
+        self.lr_final = lr_final
+        self.lr_decay_rounds = lr_decay_rounds
+        self.eval_every = eval_every
+        self.sampler = sampler if sampler is not None else UniformSampler(seed)
+        self.seed = seed
+        self.accept_failures = accept_failures
+        self.min_successful_clients = min_successful_clients
+        self.iou_lag = iou_lag
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.engine_name = engine
+        self.optimizer_on_buffers = optimizer_on_buffers
+        self.progress_mode = progress
+        self.client_trainer_kwargs = {k: kwargs[k] for k in _CLIENT_TRAINER_KEYS if k in kwargs}
+        kwargs.setdefault("logger", False)
+        kwargs.setdefault("enable_checkpointing", False)
+        kwargs.setdefault("enable_progress_bar", False)
+        kwargs.setdefault("enable_model_summary", False)
+        super().__init__(**kwargs)
+        self.history: list[dict[str, Any]] = []
+        self.server: FederatedServer | None = None
+        self.runner: ClientRunner | None = None
+
+    # -- public entry points ---------------------------------------------------------------------
+    def fit(  # type: ignore[override]
+        self,
+        model: ClientModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Any = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Run the federated rounds on `datamodule` (a `FederatedDataModule`)."""
+        if datamodule is None:
+            raise ValueError("FederatedTrainer.fit needs datamodule=FederatedDataModule(...)")
+        if self.clients_per_round > datamodule.num_clients:
+            raise ValueError(
+                f"trainer.clients_per_round must be <= data.num_clients ({datamodule.num_clients}), "
+                f"got {self.clients_per_round}"
+            )
+        datamodule.setup("fit")
+        self._prepare(model)
+        server, runner = self.server, self.runner
+        assert server is not None and runner is not None
+        engine = self._build_engine(runner, datamodule)
+
+        start = 1
+        if ckpt_path is not None:
+            start = self._restore(ckpt_path) + 1
+        else:
+            self.history = []
+            self._record(self._evaluate({"round": 0}, datamodule))
+        with RoundProgress(self.rounds, start=start - 1, mode=self.progress_mode) as progress:
+            for round_index in range(start, self.rounds + 1):
+                metrics = self._run_round(round_index, engine, datamodule)
+                self._record(metrics)
+                progress.update(metrics)
+                if self.run_dir is not None and (
+                    round_index == self.rounds
+                    or (self.checkpoint_every and round_index % self.checkpoint_every == 0)
+                ):
+                    self.save_checkpoint(self.run_dir / CHECKPOINT_NAME)
+        model.net.load_state_dict(server.global_state)
+        if self.run_dir is not None:
+            save_atomic(server.global_state, self.run_dir / FINAL_MODEL_NAME)
+
+    def validate(self, model: Any = None, dataloaders: Any = None, ckpt_path: str | None = None,  # type: ignore[override]
+                 verbose: bool = True, datamodule: Any = None, weights_only: bool | None = None) -> list[dict]:
+        """Evaluate a saved global model (`ckpt_path`: a checkpoint or final model file) on the test set."""
+        return self._evaluate_saved(model, datamodule, ckpt_path, verbose)
+
+    def test(self, model: Any = None, dataloaders: Any = None, ckpt_path: str | None = None,  # type: ignore[override]
+             verbose: bool = True, datamodule: Any = None, weights_only: bool | None = None) -> list[dict]:
+        """Same as `validate`: the central test set is the only held-out set."""
+        return self._evaluate_saved(model, datamodule, ckpt_path, verbose)
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The current global model state (CPU tensors)."""
+        if self.server is None:
+            raise RuntimeError("no federated run yet: call fit() first")
+        return self.server.global_state
+
+    def save_checkpoint(self, filepath: str | Path, weights_only: bool = False, storage_options: Any = None) -> None:  # type: ignore[override]
+        """Atomically write everything a resumed run needs."""
+        assert self.server is not None
+        save_atomic(
+            {
+                "format": "sparsyfed-lightning/1",
+                "server": self.server.state_dict(),
+                "history": self.history,
+                "settings": self.settings(),
+            },
+            filepath,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {
+            "method": self.method.describe(),
+            "server_optimizer": repr(self.server_optimizer),
+            "rounds": self.rounds,
+            "clients_per_round": self.clients_per_round,
+            "local_epochs": self.local_epochs,
+            "lr_final": self.lr_final,
+            "seed": self.seed,
+            "optimizer_on_buffers": self.optimizer_on_buffers,
+        }
+
+    # -- internals -------------------------------------------------------------------------------
+    def _prepare(self, model: ClientModule) -> None:
+        if not getattr(model, "_federated_prepared", False):
+            model.net = self.method.prepare_model(model.net)
+            model._federated_prepared = True  # type: ignore[attr-defined]
+        self.runner = ClientRunner(model, self.method, self.local_epochs, **self.client_trainer_kwargs)
+        global_state = state_on_cpu(model.net)
+        self.server = FederatedServer(
+            global_state,
+            list(prunable_weights(model.net)),
+            self.method,
+            self.server_optimizer,
+            iou_lag=self.iou_lag,
+            buffer_keys=[name for name, _ in model.net.named_buffers()],
+            optimizer_on_buffers=self.optimizer_on_buffers,
+        )
+
+    def _build_engine(self, runner: ClientRunner, datamodule: Any) -> Any:
+        if self.engine_name == "flower":
+            from sparsyfed_lightning.federated.engines_flower import FlowerEngine
+
+            return FlowerEngine(self, datamodule)
+        return InProcessEngine(runner, datamodule, self.seed)
+
+    def _client_lr(self, round_index: int, model: ClientModule) -> float:
+        total = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds
+        return exponential_lr(round_index, model.hparams.lr, self.lr_final, total)
+
+    def _run_round(self, round_index: int, engine: Any, datamodule: Any) -> dict[str, Any]:
+        server, runner = self.server, self.runner
+        assert server is not None and runner is not None
+        started = time.perf_counter()
+        downlink = server.begin_round(round_index)
+        clients = self.sampler.sample(round_index, datamodule.num_clients, self.clients_per_round)
+        lr = self._client_lr(round_index, runner.module)
+        failures = engine.fit_round(round_index, clients, downlink, lr, server.receive)
+        succeeded = len(clients) - len(failures)
+        if failures and not self.accept_failures:
+            cid, error = next(iter(failures.items()))
+            raise RuntimeError(f"round {round_index}: client {cid} failed ({error}); set "
+                               f"trainer.accept_failures=true to continue without it")
+        if succeeded < self.min_successful_clients:
+            raise RuntimeError(
+                f"round {round_index}: only {succeeded} of {len(clients)} clients succeeded, fewer than "
+                f"trainer.min_successful_clients={self.min_successful_clients}; failures: {failures}"
+            )
+        trained = time.perf_counter()
+        metrics = server.end_round()
+        aggregated = time.perf_counter()
+        metrics.update(round=round_index, lr=lr, clients=clients, failures=failures)
+        metrics["time_train_s"] = trained - started
+        metrics["time_aggregate_s"] = aggregated - trained
+        if round_index % self.eval_every == 0 or round_index == self.rounds:
+            self._evaluate(metrics, datamodule)
+        return metrics
+
+    def _evaluate(self, metrics: dict[str, Any], datamodule: Any) -> dict[str, Any]:
+        assert self.server is not None and self.runner is not None
+        started = time.perf_counter()
+        metrics.update(self.runner.evaluate(self.server.global_state, datamodule.test_dataloader()))
+        metrics["time_eval_s"] = time.perf_counter() - started
+        if metrics["round"] == 0:
+            metrics.update(self.server.model_metrics())
+        return metrics
+
+    def _record(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        numeric = {
+            k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
+        }
+        for logger in self.loggers:
+            logger.log_metrics(numeric, step=metrics["round"])
+            logger.save()
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / METRICS_NAME, "a") as handle:
+                handle.write(json.dumps(metrics, default=_json_default) + "\n")
+
+    def _restore(self, ckpt_path: str) -> int:
+        assert self.server is not None
+        checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint.get("format") != "sparsyfed-lightning/1":
+            raise ValueError(f"{ckpt_path} is not a sparsyfed-lightning checkpoint")
+        saved, current = checkpoint["settings"], self.settings()
+        differing = {k: (saved.get(k), v) for k, v in current.items() if k != "rounds" and saved.get(k) != v}
+        if differing:
+            key, (old, new) = next(iter(differing.items()))
+            raise ValueError(f"cannot resume {ckpt_path}: trainer.{key} is {new!r} but the run used {old!r}")
+        self.server.load_state_dict(checkpoint["server"])
+        self.history = checkpoint["history"]
+        if self.run_dir is not None:
+            # Rewrite metrics.jsonl from the checkpoint: rounds logged after it are recomputed.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(m, default=_json_default) + "\n" for m in self.history]
+            (self.run_dir / METRICS_NAME).write_text("".join(lines))
+        return self.server.round
+
+    def _evaluate_saved(self, model: Any, datamodule: Any, ckpt_path: str | None, verbose: bool) -> list[dict]:
+        if model is None or datamodule is None or ckpt_path is None:
+            raise ValueError("validate/test need a model, a datamodule and ckpt_path (a run's global_model.pt)")
+        datamodule.setup("test")
+        self._prepare(model)
+        assert self.server is not None and self.runner is not None
+        saved = load_checkpoint(ckpt_path)
+        state = saved["server"]["global_state"] if isinstance(saved, dict) and "server" in saved else saved
+        self.server.global_state = state
+        metrics = self.runner.evaluate(state, datamodule.test_dataloader())
+        metrics.update(self.server.model_metrics())
+        if verbose:
+            print(json.dumps({k: v for k, v in metrics.items() if k != "layer_density"}, indent=2))
+        return [metrics]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,88 @@
+"""`Method`: one small object per federated sparse-training method (its client recipe + server rule).
+
+The orchestrator (any engine) drives a method through these hooks, in this order per round:
+
+1. `on_round_start(round)`;
+2. for each client fit, the callbacks of `client_callbacks()` run inside Lightning's `Trainer.fit`
+   (built once per run, reused for every client); afterwards `client_stats()` is read;
+3. `observe_client(round, state, weight)` for each returned model (streamed, not stored);
+4. `server_update(round, aggregate)` on the sample-weighted average, before the server optimizer;
+5. `on_global_loaded(net)` whenever the server loads a global state for evaluation.
+
+`prepare_model(net)` is applied once to the freshly built backbone (e.g. Powerprop wrapping).
+A method is configured by plain typed constructor arguments, so LightningCLI/jsonargparse can build
+it from `class_path`/`init_args` or the short form `--method SparsyFed --method.sparsity 0.99`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+
+from sparsyfed_lightning.client.callbacks import EndOfFitPruning
+from sparsyfed_lightning.sparse import check_sparsity
+
+
+class Method:
+    """Base class: dense local training, no pruning, plain aggregation.
+
+    Args:
+        sparsity: target sparsity of the uplink model, in [0, 1).
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, sparsity: float = 0.0) -> None:
+        self.sparsity = check_sparsity(sparsity, "method.sparsity")
+        self._callbacks: list[L.Callback] | None = None
+        self.round = 0
+
+    def prepare_model(self, net: nn.Module) -> nn.Module:
+        """Wrap the freshly built backbone (once per run); returns the network to train."""
+        return net
+
+    def build_callbacks(self) -> list[L.Callback]:
+        """The client-side callbacks of this method (called once; see `client_callbacks`)."""
+        return [EndOfFitPruning(self.sparsity)]
+
+    def client_callbacks(self) -> list[L.Callback]:
+        """The callbacks every client fit runs with; the same objects for the whole run."""
+        if self._callbacks is None:
+            self._callbacks = self.build_callbacks()
+        return self._callbacks
+
+    def client_stats(self) -> dict[str, float]:
+        """Per-client numbers of the last fit (weight regrowth counts, SPEC 9.2)."""
+        stats: dict[str, float] = {}
+        for callback in self.client_callbacks():
+            if isinstance(callback, EndOfFitPruning):
+                stats.update(callback.regrowth.stats)
+        return stats
+
+    def on_round_start(self, round_index: int) -> None:
+        """Called before the clients of round `round_index` (1-based) train."""
+        self.round = round_index
+
+    def observe_client(self, round_index: int, state: dict[str, torch.Tensor], weight: float) -> None:
+        """See each returned client model once, as it arrives (default: nothing)."""
+
+    def server_update(self, round_index: int, aggregate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Server-side rule applied to the aggregate before the server optimizer (default: none)."""
+        return aggregate
+
+    def on_global_loaded(self, net: nn.Module) -> None:
+        """Called after the server loads a global state into `net` for evaluation."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this method exactly."""
+        return {"round": self.round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state.get("round", 0))
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings, for logs and run directories."""
+        return {"name": self.name, "sparsity": self.sparsity}

@@ -1,0 +1,69 @@
+"""FLASH baseline, static-mask variant (SPEC 12.4).
+
+Round 1 (mask search): clients train densely and prune globally to the target; the server averages
+the clients' per-tensor densities and prunes each aggregated tensor layer-wise to that density.
+Rounds >= 2: clients mask every gradient with the support they received, so the mask never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from sparsyfed_lightning.client.callbacks import EndOfFitPruning, GradientMaskCallback
+from sparsyfed_lightning.methods.base import Method
+from sparsyfed_lightning.server.mask_search import DensityProfile, prune_to_profile
+
+
+class _RoundGatedGradientMask(GradientMaskCallback):
+    """Gradient masking that switches on from round `first_round`."""
+
+    def __init__(self, method: FLASH, first_round: int) -> None:
+        super().__init__()
+        self.method = method
+        self.first_round = first_round
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.method.round >= self.first_round:
+            super().on_fit_start(trainer, pl_module)
+        else:
+            self.masks = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        if self.masks:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+
+class FLASH(Method):
+    """Static sparse mask found from the clients' round-1 pruning profile.
+
+    Args:
+        sparsity: target sparsity, in [0, 1).
+        mask_search_round: the round whose client models define the mask (the paper: 1).
+    """
+
+    name = "flash"
+
+    def __init__(self, sparsity: float = 0.95, mask_search_round: int = 1) -> None:
+        super().__init__(sparsity=sparsity)
+        if mask_search_round < 1:
+            raise ValueError(f"method.mask_search_round must be >= 1, got {mask_search_round}")
+        self.mask_search_round = mask_search_round
+        self._profile = DensityProfile()
+
+    def build_callbacks(self) -> list[L.Callback]:
+        return [_RoundGatedGradientMask(self, self.mask_search_round + 1), EndOfFitPruning(self.sparsity)]
+
+    def observe_client(self, round_index: int, state: dict[str, torch.Tensor], weight: float) -> None:
+        if round_index == self.mask_search_round:
+            self._profile.add(state, weight)
+
+    def server_update(self, round_index: int, aggregate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if round_index != self.mask_search_round:
+            return aggregate
+        return prune_to_profile(aggregate, self._profile.densities())
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mask_search_round": self.mask_search_round}

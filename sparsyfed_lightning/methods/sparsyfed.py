@@ -1,0 +1,65 @@
+"""SparsyFed (SPEC 1-5): Powerprop + activation pruning tied to weight density + end-of-fit pruning."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+from torch import nn
+
+from sparsyfed_lightning.client.callbacks import ActivationPruningCallback, EndOfFitPruning
+from sparsyfed_lightning.methods.base import Method
+from sparsyfed_lightning.sparse import powerpropify
+
+
+class SparsyFed(Method):
+    """SparsyFed with a fixed Powerprop exponent.
+
+    Args:
+        sparsity: target sparsity of the uplink model, in [0, 1) (the paper: 0.9 ... 0.999).
+        beta: Powerprop exponent, >= 1 (the paper: 1.25). beta = 1 is the "no Powerprop" ablation
+            (zeros can regrow, so layer densities are re-read at every step).
+        activation_pruning: prune the activations saved for the weight gradient (False is the
+            paper's "no activation pruning" ablation).
+        threshold: "first_batch" (faithful: a conv layer's activation threshold is selected on the
+            first batch of a fit and reused) or "per_step" (selected at every step).
+    """
+
+    name = "sparsyfed"
+
+    def __init__(
+        self,
+        sparsity: float = 0.95,
+        beta: float = 1.25,
+        activation_pruning: bool = True,
+        threshold: Literal["first_batch", "per_step"] = "first_batch",
+    ) -> None:
+        super().__init__(sparsity=sparsity)
+        if not math.isfinite(beta) or beta < 1.0:
+            raise ValueError(f"method.beta must be a number >= 1, got {beta!r}")
+        if threshold not in ("first_batch", "per_step"):
+            raise ValueError(f"method.threshold must be 'first_batch' or 'per_step', got {threshold!r}")
+        self.beta = float(beta)
+        self.activation_pruning = activation_pruning
+        self.threshold = threshold
+
+    def prepare_model(self, net: nn.Module) -> nn.Module:
+        return powerpropify(net, self.beta)
+
+    def build_callbacks(self) -> list[L.Callback]:
+        callbacks: list[L.Callback] = []
+        if self.activation_pruning:
+            callbacks.append(
+                ActivationPruningCallback(threshold=self.threshold, refresh_every_step=self.beta == 1.0)
+            )
+        callbacks.append(EndOfFitPruning(self.sparsity))
+        return callbacks
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "beta": self.beta,
+            "activation_pruning": self.activation_pruning,
+            "threshold": self.threshold,
+        }
