@@ -48,7 +48,8 @@ INPUT_SHAPES = [(4, 3, 9, 9), (3, 4, 11, 11), (2, 5, 6, 6), (3, 3, 20), (6, 12),
 @pytest.mark.parametrize("index", range(len(LAYERS)))
 @pytest.mark.parametrize("powerprop", [False, True])
 @pytest.mark.parametrize("density", [0.3, 0.02])  # the bitmap and the index layout of CompactTensor
-def test_forward_and_input_grad_exact_weight_grad_from_pruned_input(index, powerprop, density):
+@pytest.mark.parametrize("min_compact_numel", [0, 10**9])  # compact storage / dense pruned copy
+def test_forward_and_input_grad_exact_weight_grad_from_pruned_input(index, powerprop, density, min_compact_numel):
     torch.manual_seed(index)
     layer = LAYERS[index]()
     _sparsify_(layer.weight, density, seed=index)
@@ -63,7 +64,7 @@ def test_forward_and_input_grad_exact_weight_grad_from_pruned_input(index, power
         nonlocal upstream
         layer.zero_grad()
         x.grad = None
-        ap = ActivationPruning(layer).attach() if pruning else None
+        ap = ActivationPruning(layer, min_compact_numel=min_compact_numel).attach() if pruning else None
         out = layer(x)
         if upstream is None:
             upstream = torch.randn_like(out)
@@ -93,7 +94,7 @@ def test_kept_fraction_matches_layer_density_and_eval_prunes_nothing():
     model = powerpropify(build_model("small_cnn", 10, width=8), 1.25)
     global_magnitude_prune(prunable_weights(model).values(), 0.9)
     x = torch.randn(16, 1, 8, 8)
-    with ActivationPruning(model) as ap:
+    with ActivationPruning(model, min_compact_numel=0) as ap:
         model.train()
         model(x).sum().backward()
         for name, kept in ap.kept_fractions().items():
@@ -163,7 +164,7 @@ def test_compact_relu_matches_relu_and_detach_restores_modules():
     torch.relu(x).backward(upstream)
     expected = x.grad.clone()
     x.grad = None
-    out = CompactReLU()(x)
+    out = CompactReLU(min_compact_numel=0)(x)
     out.backward(upstream)
     assert torch.equal(out, torch.relu(x)) and torch.equal(x.grad, expected)
     model = build_model("small_cnn", 10, width=4)
@@ -188,7 +189,7 @@ def test_saved_bytes_shrink_at_high_sparsity():
     x = torch.randn(2, 3, 32, 32)
     with SavedTensorMeter() as dense_meter:
         dense(x).sum()
-    with ActivationPruning(sparse), SavedTensorMeter() as sparse_meter:
+    with ActivationPruning(sparse, min_compact_numel=0), SavedTensorMeter() as sparse_meter:
         sparse(x).sum()
     assert sparse_meter.activation_bytes < 0.6 * dense_meter.activation_bytes
 

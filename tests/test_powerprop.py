@@ -127,3 +127,28 @@ def test_wrapped_and_unwrapped_models_agree_at_beta_one():
     assert torch.equal(plain(x), wrapped(x))
     for (name, p), q in zip(prunable_weights(plain).items(), prunable_weights(wrapped).values(), strict=True):
         assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("exponent", [1.25, 2.0])
+def test_support_path_is_bit_identical_to_dense_path(exponent):
+    from sparsyfed_lightning.sparse.powerprop import freeze_support, release_support
+
+    torch.manual_seed(0)
+    v = torch.randn(40, 30)
+    v[torch.rand_like(v) < 0.9] = 0.0
+    upstream = torch.randn(40, 30)
+    results = []
+    for support in (None, torch.nonzero(v.reshape(-1)).reshape(-1)):
+        leaf = v.clone().requires_grad_(True)
+        w = signed_power(leaf, exponent, support)
+        w.backward(upstream)
+        results.append((w.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    model = powerpropify(build_model("small_cnn", 3, width=4), exponent)
+    with torch.no_grad():
+        for weight in prunable_weights(model).values():
+            weight.mul_(torch.rand_like(weight) < 0.1)
+    assert freeze_support(model) == 4
+    assert all(powerprop_of(m).support is not None for _, m in prunable_layers(model))
+    release_support(model)
+    assert all(powerprop_of(m).support is None for _, m in prunable_layers(model))

@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from sparsyfed_lightning.models import build_model
+from sparsyfed_lightning.models import MODELS, build_model
 
 
 class ClientModule(L.LightningModule):
@@ -47,12 +47,14 @@ class ClientModule(L.LightningModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
+        if backbone not in MODELS:
+            raise ValueError(f"model.backbone={backbone!r} is unknown; known: {', '.join(sorted(MODELS))}")
         if lr <= 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
+            raise ValueError(f"model.lr={lr!r} is invalid; it must be > 0")
         if weight_decay < 0:
-            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+            raise ValueError(f"model.weight_decay={weight_decay!r} is invalid; it must be >= 0")
         if not 0 <= momentum < 1:
-            raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
+            raise ValueError(f"model.momentum={momentum!r} is invalid; it must be in [0, 1)")
         self.save_hyperparameters()
         self.lr = lr
         self.net: nn.Module = build_model(backbone, num_classes, seed=init_seed, **(backbone_kwargs or {}))

@@ -30,6 +30,7 @@ _QUIET_WARNINGS = (
     ".*does not have many workers.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ".*The number of training batches .* is smaller than the logging interval.*",
+    ".*Experiment logs directory .* exists and is not empty.*",
 )
 
 

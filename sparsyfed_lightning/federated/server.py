@@ -77,6 +77,10 @@ class FederatedServer:
         self._round_metrics: dict[str, float] = {}
         self._downlink: tuple[bytes, MessageStats] | None = None
 
+    def current_masks(self) -> dict[str, torch.Tensor]:
+        """Non-zero masks of the global model's conv/linear weights."""
+        return self._masks()
+
     def _masks(self) -> dict[str, torch.Tensor]:
         return nonzero_masks({k: self.global_state[k] for k in self.prunable_keys})
 

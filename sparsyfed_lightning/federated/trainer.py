@@ -28,8 +28,10 @@ import torch
 
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.federated.checkpoint import load_checkpoint, save_atomic
-from sparsyfed_lightning.federated.client_runner import ClientRunner, state_on_cpu
+from sparsyfed_lightning.federated.client_runner import ClientRunner, quiet_lightning, state_on_cpu
 from sparsyfed_lightning.federated.engines import InProcessEngine
+from sparsyfed_lightning.federated.engines_flower import FlowerConfig, require_flower
+from sparsyfed_lightning.federated.metrics import pack_masks
 from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress
 from sparsyfed_lightning.federated.sampling import ClientSampler, UniformSampler
 from sparsyfed_lightning.federated.schedule import exponential_lr
@@ -79,9 +81,12 @@ class FederatedTrainer(L.Trainer):
         iou_lag: rounds between pooled lagged mask-IoU snapshots (SPEC 9.3: 11; 0 disables).
         run_dir: folder for metrics.jsonl, checkpoints and the final model (None: keep in memory).
         checkpoint_every: write a checkpoint every this many rounds (0: only at the end).
+        mask_snapshot_every: save the global mask (bit-packed) to `run_dir/masks/` every this many
+            rounds, for the IoU heat-map of `sparsyfed plot` (0: about 20 snapshots per run).
         optimizer_on_buffers: the server optimizer also steps BatchNorm buffers (faithful: True);
             False gives them the plain weighted average (safer with momentum/adaptive optimizers).
-        engine: "inprocess" (default) or "flower".
+        engine: "inprocess" (default) or "flower" (docs/FLOWER.md).
+        flower: options of the Flower engine (client resources, routing, timeouts).
         progress: "auto" (a bar on a terminal, lines otherwise), "rich", "plain" or "none".
     """
 
@@ -103,8 +108,10 @@ class FederatedTrainer(L.Trainer):
         iou_lag: int = 11,
         run_dir: str | None = None,
         checkpoint_every: int = 0,
+        mask_snapshot_every: int = 0,
         optimizer_on_buffers: bool = True,
         engine: Literal["inprocess", "flower"] = "inprocess",
+        flower: FlowerConfig | None = None,
         progress: ProgressMode = "auto",
         **kwargs: Any,
     ) -> None:
@@ -116,6 +123,7 @@ class FederatedTrainer(L.Trainer):
             ("min_successful_clients", min_successful_clients, 1),
             ("iou_lag", iou_lag, 0),
             ("checkpoint_every", checkpoint_every, 0),
+            ("mask_snapshot_every", mask_snapshot_every, 0),
         ):
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"trainer.{name} must be an integer >= {minimum}, got {value!r}")
@@ -125,6 +133,8 @@ class FederatedTrainer(L.Trainer):
             raise ValueError(f"trainer.lr_decay_rounds must be >= 1 or null, got {lr_decay_rounds!r}")
         if engine not in ("inprocess", "flower"):
             raise ValueError(f"trainer.engine must be 'inprocess' or 'flower', got {engine!r}")
+        if engine == "flower":
+            require_flower()
         self.method = method if method is not None else SparsyFed()
         self.server_optimizer = server_optimizer if server_optimizer is not None else FedAvg()
         self.rounds = rounds
@@ -140,15 +150,24 @@ class FederatedTrainer(L.Trainer):
         self.iou_lag = iou_lag
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every = checkpoint_every
+        self.mask_snapshot_every = mask_snapshot_every
         self.engine_name = engine
+        self.flower = flower if flower is not None else FlowerConfig()
         self.optimizer_on_buffers = optimizer_on_buffers
         self.progress_mode = progress
+        # A client fit runs on one device (see _check_one_device), so "auto" means one device here
+        # instead of every visible GPU.
+        if kwargs.get("devices", "auto") == "auto":
+            kwargs["devices"] = 1
         self.client_trainer_kwargs = {k: kwargs[k] for k in _CLIENT_TRAINER_KEYS if k in kwargs}
-        kwargs.setdefault("logger", False)
-        kwargs.setdefault("enable_checkpointing", False)
-        kwargs.setdefault("enable_progress_bar", False)
-        kwargs.setdefault("enable_model_summary", False)
+        # The round loop logs, checkpoints and reports progress itself; Lightning's own versions of
+        # these belong to single fits. None (what LightningCLI passes for "unset") means off too.
+        for key in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"):
+            if kwargs.get(key) is None:
+                kwargs[key] = False
+        quiet_lightning()
         super().__init__(**kwargs)
+        self._check_one_device()
         self.history: list[dict[str, Any]] = []
         self.server: FederatedServer | None = None
         self.runner: ClientRunner | None = None
@@ -176,23 +195,26 @@ class FederatedTrainer(L.Trainer):
         server, runner = self.server, self.runner
         assert server is not None and runner is not None
         engine = self._build_engine(runner, datamodule)
-
-        start = 1
-        if ckpt_path is not None:
-            start = self._restore(ckpt_path) + 1
-        else:
-            self.history = []
-            self._record(self._evaluate({"round": 0}, datamodule))
-        with RoundProgress(self.rounds, start=start - 1, mode=self.progress_mode) as progress:
-            for round_index in range(start, self.rounds + 1):
-                metrics = self._run_round(round_index, engine, datamodule)
-                self._record(metrics)
-                progress.update(metrics)
-                if self.run_dir is not None and (
-                    round_index == self.rounds
-                    or (self.checkpoint_every and round_index % self.checkpoint_every == 0)
-                ):
-                    self.save_checkpoint(self.run_dir / CHECKPOINT_NAME)
+        try:
+            start = 1
+            if ckpt_path is not None:
+                start = self._restore(ckpt_path) + 1
+            else:
+                self.history = []
+                self._record(self._evaluate({"round": 0}, datamodule))
+            with RoundProgress(self.rounds, start=start - 1, mode=self.progress_mode) as progress:
+                for round_index in range(start, self.rounds + 1):
+                    metrics = self._run_round(round_index, engine, datamodule)
+                    self._record(metrics)
+                    progress.update(metrics)
+                    if self.run_dir is not None and (
+                        round_index == self.rounds
+                        or (self.checkpoint_every and round_index % self.checkpoint_every == 0)
+                    ):
+                        self.save_checkpoint(self.run_dir / CHECKPOINT_NAME)
+        finally:
+            if hasattr(engine, "close"):  # the Flower engine stops its simulation, also on errors
+                engine.close()
         model.net.load_state_dict(server.global_state)
         if self.run_dir is not None:
             save_atomic(server.global_state, self.run_dir / FINAL_MODEL_NAME)
@@ -241,6 +263,19 @@ class FederatedTrainer(L.Trainer):
         }
 
     # -- internals -------------------------------------------------------------------------------
+    def _check_one_device(self) -> None:
+        # Lightning's multi-device strategies cannot serve a client fit: DDP's launcher re-runs the
+        # whole script (every rank would run the federated loop), and the client loaders are in-memory
+        # `TensorBatchLoader`s, not DataLoaders Lightning could shard, so every rank would train on the
+        # whole client partition. Several GPUs are used by training several clients in parallel.
+        if self.num_devices > 1 or self.num_nodes > 1:
+            raise ValueError(
+                f"trainer.devices={self.num_devices} (num_nodes={self.num_nodes}) is not supported: each client's "
+                "fit runs on one device (Lightning's DDP would re-launch the federated loop in every rank and "
+                "cannot shard the in-memory client loaders); use devices=1, and engine='flower' with "
+                "flower.num_gpus per client to train clients in parallel on several GPUs"
+            )
+
     def _prepare(self, model: ClientModule) -> None:
         if not getattr(model, "_federated_prepared", False):
             model.net = self.method.prepare_model(model.net)
@@ -305,8 +340,7 @@ class FederatedTrainer(L.Trainer):
             metrics.update(self.server.model_metrics())
         return metrics
 
-    def _record(self, metrics: dict[str, Any]) -> None:
-        self.history.append(metrics)
+    def _log_to_loggers(self, metrics: dict[str, Any]) -> None:
         numeric = {
             k: float(v) for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
@@ -314,10 +348,20 @@ class FederatedTrainer(L.Trainer):
         for logger in self.loggers:
             logger.log_metrics(numeric, step=metrics["round"])
             logger.save()
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / METRICS_NAME, "a") as handle:
-                handle.write(json.dumps(metrics, default=_json_default) + "\n")
+
+    def _record(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        self._log_to_loggers(metrics)
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / METRICS_NAME, "a") as handle:
+            handle.write(json.dumps(metrics, default=_json_default) + "\n")
+        every = self.mask_snapshot_every or max(1, self.rounds // 20)
+        round_index = metrics["round"]
+        if round_index % every == 0 or round_index == self.rounds:
+            assert self.server is not None
+            save_atomic(pack_masks(self.server.current_masks()), self.run_dir / "masks" / f"round_{round_index:05d}.pt")
 
     def _restore(self, ckpt_path: str) -> int:
         assert self.server is not None
@@ -331,6 +375,8 @@ class FederatedTrainer(L.Trainer):
             raise ValueError(f"cannot resume {ckpt_path}: trainer.{key} is {new!r} but the run used {old!r}")
         self.server.load_state_dict(checkpoint["server"])
         self.history = checkpoint["history"]
+        for metrics in self.history:  # loggers that restart their files get the whole history again
+            self._log_to_loggers(metrics)
         if self.run_dir is not None:
             # Rewrite metrics.jsonl from the checkpoint: rounds logged after it are recomputed.
             self.run_dir.mkdir(parents=True, exist_ok=True)

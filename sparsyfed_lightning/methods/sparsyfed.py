@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning as L
 from torch import nn
 
-from sparsyfed_lightning.client.callbacks import ActivationPruningCallback, EndOfFitPruning
+from sparsyfed_lightning.client.callbacks import ActivationPruningCallback, EndOfFitPruning, FrozenSupportCallback
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.sparse import powerpropify
 
@@ -48,7 +48,7 @@ class SparsyFed(Method):
         return powerpropify(net, self.beta)
 
     def build_callbacks(self) -> list[L.Callback]:
-        callbacks: list[L.Callback] = []
+        callbacks: list[L.Callback] = [FrozenSupportCallback()] if self.beta > 1.0 else []
         if self.activation_pruning:
             callbacks.append(
                 ActivationPruningCallback(threshold=self.threshold, refresh_every_step=self.beta == 1.0)

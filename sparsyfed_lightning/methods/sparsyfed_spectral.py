@@ -10,6 +10,7 @@ from torch import nn
 from sparsyfed_lightning.client.callbacks import (
     ActivationPruningCallback,
     EndOfFitPruning,
+    FrozenSupportCallback,
     SpectralExponentCallback,
 )
 from sparsyfed_lightning.methods.base import Method
@@ -51,7 +52,7 @@ class SparsyFedSpectral(Method):
         return net
 
     def build_callbacks(self) -> list[L.Callback]:
-        callbacks: list[L.Callback] = [SpectralExponentCallback(self.seed)]
+        callbacks: list[L.Callback] = [SpectralExponentCallback(self.seed), FrozenSupportCallback()]
         if self.activation_pruning:
             callbacks.append(ActivationPruningCallback(threshold=self.threshold))
         callbacks.append(EndOfFitPruning(self.sparsity))

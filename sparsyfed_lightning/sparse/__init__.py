@@ -9,7 +9,14 @@ from sparsyfed_lightning.sparse.layers import (
     stored_weight_key,
 )
 from sparsyfed_lightning.sparse.memory import SavedTensorMeter
-from sparsyfed_lightning.sparse.powerprop import Powerprop, powerprop_of, powerpropify, signed_power
+from sparsyfed_lightning.sparse.powerprop import (
+    Powerprop,
+    freeze_support,
+    powerprop_of,
+    powerpropify,
+    release_support,
+    signed_power,
+)
 from sparsyfed_lightning.sparse.pruning import (
     check_sparsity,
     global_magnitude_prune,
@@ -28,6 +35,7 @@ __all__ = [
     "SavedTensorMeter",
     "WeightTopK",
     "check_sparsity",
+    "freeze_support",
     "global_magnitude_prune",
     "layer_densities",
     "layerwise_magnitude_prune",
@@ -38,6 +46,7 @@ __all__ = [
     "prunable_layers",
     "prunable_weights",
     "prune_smallest_",
+    "release_support",
     "signed_power",
     "smallest_magnitude_mask",
     "spectral_exponent",

@@ -42,6 +42,10 @@ from sparsyfed_lightning.sparse.powerprop import _SignedPower, signed_power
 from sparsyfed_lightning.sparse.pruning import magnitude_threshold
 
 MIN_KEEP_FRACTION = 1e-7  # SPEC 4.1: avoids k = 0 when a whole layer has been pruned away
+# Tensors smaller than this (256 KiB of fp32) are kept as a dense pruned copy and small ReLUs keep
+# their output: for them the extra kernels of a compact encoding cost more time than the few
+# kilobytes they save. Every ResNet-18 conv input at batch 32 is larger than this.
+MIN_COMPACT_NUMEL = 1 << 16
 ThresholdMode = Literal["first_batch", "per_step"]
 
 
@@ -83,17 +87,18 @@ class CompactTensor:
 
 
 class _RecomputedWeight:
-    """An effective Powerprop weight saved as (v, exponent) and rebuilt in backward."""
+    """An effective Powerprop weight saved as (v, exponent, support) and rebuilt in backward."""
 
-    __slots__ = ("stored", "exponent")
+    __slots__ = ("stored", "exponent", "support")
 
-    def __init__(self, stored: torch.Tensor, exponent: float) -> None:
+    def __init__(self, stored: torch.Tensor, exponent: float, support: torch.Tensor | None) -> None:
         self.stored = stored
         self.exponent = exponent
+        self.support = support
 
     def to_dense(self) -> torch.Tensor:
         with torch.no_grad():
-            return signed_power(self.stored, self.exponent)
+            return signed_power(self.stored, self.exponent, self.support)
 
 
 # Bit packing by multiplication: viewing 8 booleans as one int64 and multiplying by this constant
@@ -139,10 +144,17 @@ class _CompactReLUFunction(torch.autograd.Function):
 
 
 class CompactReLU(nn.ReLU):
-    """ReLU whose backward keeps a bit-packed sign mask instead of the (dense) output."""
+    """ReLU whose backward keeps a bit-packed sign mask instead of the (dense) output.
+
+    Inputs smaller than `min_compact_numel` use the ordinary ReLU.
+    """
+
+    def __init__(self, min_compact_numel: int = MIN_COMPACT_NUMEL) -> None:
+        super().__init__()
+        self.min_compact_numel = min_compact_numel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad and x.numel() >= self.min_compact_numel:
             return _CompactReLUFunction.apply(x)
         return torch.relu(x)
 
@@ -172,6 +184,7 @@ class ActivationPruning:
             i.e. beta = 1); costs one host sync per layer per step.
         compact_relu: swap ReLU modules for `CompactReLU` while attached.
         layer_names: restrict pruning to these layers (default: all conv/linear layers).
+        min_compact_numel: inputs (and ReLU outputs) with fewer entries keep a dense pruned copy.
     """
 
     def __init__(
@@ -183,6 +196,7 @@ class ActivationPruning:
         refresh_every_step: bool = False,
         compact_relu: bool = True,
         layer_names: Iterable[str] | None = None,
+        min_compact_numel: int = MIN_COMPACT_NUMEL,
     ) -> None:
         if threshold not in ("first_batch", "per_step"):
             raise ValueError(f"threshold must be 'first_batch' or 'per_step', got {threshold!r}")
@@ -192,6 +206,7 @@ class ActivationPruning:
         self.keep_fraction = keep_fraction
         self.refresh_every_step = refresh_every_step
         self.compact_relu = compact_relu
+        self.min_compact_numel = min_compact_numel
         wanted = None if layer_names is None else set(layer_names)
         self.layers: dict[str, nn.Module] = {
             name: m for name, m in prunable_layers(model) if wanted is None or name in wanted
@@ -249,8 +264,15 @@ class ActivationPruning:
         return {name: state.keep_fraction for name, state in self._states.items()}
 
     def kept_fractions(self) -> dict[str, float]:
-        """Fraction of input entries actually kept at each layer's last pruned forward (1 if none)."""
-        return {n: s.kept / s.total if s.total else 1.0 for n, s in self._states.items()}
+        """Fraction of input entries kept at each layer's last pruned forward (1 if none).
+
+        Only compactly stored inputs are counted (their size is known without a sync); layers whose
+        input was below `min_compact_numel` report NaN.
+        """
+        return {
+            n: (s.kept / s.total if s.kept >= 0 else float("nan")) if s.total else 1.0
+            for n, s in self._states.items()
+        }
 
     # -- internals -------------------------------------------------------------------------------
     def _current_keep_fractions(self, names: Iterable[str]) -> dict[str, float]:
@@ -279,7 +301,7 @@ class ActivationPruning:
             x = args[0]
             if state.threshold is None or not state.freeze_threshold:
                 state.threshold = magnitude_threshold(x, state.keep_fraction)
-            state.hooks = saved_tensors_hooks(_make_pack(x, state), _unpack)
+            state.hooks = saved_tensors_hooks(_make_pack(x, state, self.min_compact_numel), _unpack)
             state.hooks.__enter__()
 
         return hook
@@ -297,23 +319,27 @@ class ActivationPruning:
         for parent in self.model.modules():
             for attr, child in list(parent.named_children()):
                 if type(child) is nn.ReLU:
-                    setattr(parent, attr, CompactReLU())
+                    setattr(parent, attr, CompactReLU(self.min_compact_numel))
                     self._swapped_relus.append((parent, attr, child))
 
 
-def _make_pack(x: torch.Tensor, state: _LayerState) -> Callable[[torch.Tensor], object]:
+def _make_pack(x: torch.Tensor, state: _LayerState, min_compact_numel: int) -> Callable[[torch.Tensor], object]:
     input_ptr, input_numel = x.data_ptr(), x.numel()
     threshold = state.threshold
 
     def pack(t: torch.Tensor) -> object:
         if t.data_ptr() == input_ptr and t.numel() == input_numel:
+            if input_numel < min_compact_numel:
+                pruned = t.detach().masked_fill(t.detach().abs() < threshold, 0)
+                state.kept, state.total = -1, input_numel  # counting would cost a sync; see kept_fractions
+                return pruned
             compact = CompactTensor(t, threshold, state.keep_fraction)  # type: ignore[arg-type]
             state.kept, state.total = compact.values.numel(), input_numel
             return compact
         node = t.grad_fn
         if isinstance(node, _SignedPower._backward_cls):
             (stored,) = node.saved_tensors
-            return _RecomputedWeight(stored, node.exponent)
+            return _RecomputedWeight(stored, node.exponent, node.support)
         return t
 
     return pack

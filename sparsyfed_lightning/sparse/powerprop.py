@@ -7,7 +7,9 @@ local round (SPEC 3.1), which is what makes the layer density constant within a 
 
 A custom autograd Function is used instead of composing `sign`, `abs` and `pow`: composed ops would
 save two or three weight-sized intermediates for backward, while this one saves only `v` itself
-(the parameter, already alive), so Powerprop adds no saved-tensor memory.
+(the parameter, already alive), so Powerprop adds no saved-tensor memory. Because zeros are frozen
+within a local fit, `freeze_support` lets each layer compute on its non-zeros only during a fit
+(at 95% sparsity, a twentieth of the elementwise work), bit-identically to the dense path.
 """
 
 from __future__ import annotations
@@ -22,23 +24,41 @@ from sparsyfed_lightning.sparse.layers import prunable_layers
 
 
 class _SignedPower(torch.autograd.Function):
-    """`sign(v) * |v| ** exponent` with a backward that saves only `v`."""
+    """`v * |v| ** (exponent - 1)` (= sign(v)|v|^exponent) with a backward that saves only `v`.
+
+    With `support` (flat indices of the entries of `v` that may be non-zero) both directions
+    compute on those entries only and leave the rest exactly zero, which is what the dense formula
+    gives there; the arithmetic on the support is the same elementwise arithmetic, so the results
+    are bit-identical to the dense path.
+    """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, exponent: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor, exponent: float, support: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(v)
         ctx.exponent = exponent
-        return torch.sign(v) * v.abs().pow(exponent)
+        ctx.support = support
+        if support is None:
+            return v * v.abs().pow(exponent - 1.0)
+        values = v.reshape(-1)[support]
+        out = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
+        out[support] = values * values.abs().pow(exponent - 1.0)
+        return out.reshape(v.shape)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (v,) = ctx.saved_tensors
-        return grad * (ctx.exponent * v.abs().pow(ctx.exponent - 1.0)), None
+        exponent, support = ctx.exponent, ctx.support
+        if support is None:
+            return grad * (exponent * v.abs().pow(exponent - 1.0)), None, None
+        values = v.reshape(-1)[support]
+        out = torch.zeros(v.numel(), dtype=grad.dtype, device=grad.device)
+        out[support] = grad.reshape(-1)[support] * (exponent * values.abs().pow(exponent - 1.0))
+        return out.reshape(v.shape), None, None
 
 
-def signed_power(v: torch.Tensor, exponent: float) -> torch.Tensor:
-    """Differentiable `sign(v) * |v| ** exponent`."""
-    return _SignedPower.apply(v, exponent)
+def signed_power(v: torch.Tensor, exponent: float, support: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable `sign(v) * |v| ** exponent`; see `_SignedPower` for `support`."""
+    return _SignedPower.apply(v, exponent, support)
 
 
 class Powerprop(nn.Module):
@@ -53,11 +73,12 @@ class Powerprop(nn.Module):
         if exponent < 1.0:
             raise ValueError(f"Powerprop exponent must be >= 1, got {exponent}")
         self.exponent = float(exponent)
+        self.support: torch.Tensor | None = None  # see `frozen_support`
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.exponent == 1.0:
             return v
-        return signed_power(v, self.exponent)
+        return signed_power(v, self.exponent, self.support)
 
     @torch.no_grad()
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
@@ -89,6 +110,44 @@ def powerpropify(model: nn.Module, beta: float, *, keep_effective_weights: bool 
             parametrize.register_parametrization(module, "weight", parametrization)
             parametrization.exponent = float(beta)
     return model
+
+
+# Below this density computing on the support (gather, pow, scatter) beats the dense elementwise ops.
+SUPPORT_DENSITY_LIMIT = 0.5
+
+
+@torch.no_grad()
+def freeze_support(model: nn.Module) -> int:
+    """Let every Powerprop layer compute on its current non-zeros only, until `release_support`.
+
+    Valid while zeros of `v` stay zero, which holds during local training with beta > 1: the
+    gradient and the weight-decay term of a zero entry are both exactly zero (SPEC 3.1), for any
+    optimizer that maps a zero gradient to a zero step (SGD with or without momentum, Adam).
+    Entries that become zero later are still computed (and give zero), so the support may only
+    be a superset of the true one. Layers denser than `SUPPORT_DENSITY_LIMIT` keep the dense path.
+    Returns the number of layers switched.
+    """
+    switched = 0
+    for _, module in prunable_layers(model):
+        parametrization = powerprop_of(module)
+        if parametrization is None or parametrization.exponent == 1.0:
+            continue
+        stored = module.parametrizations.weight.original  # type: ignore[union-attr]
+        support = torch.nonzero(stored.reshape(-1)).reshape(-1)
+        if support.numel() < SUPPORT_DENSITY_LIMIT * stored.numel():
+            parametrization.support = support
+            switched += 1
+        else:
+            parametrization.support = None
+    return switched
+
+
+def release_support(model: nn.Module) -> None:
+    """Return every Powerprop layer to dense computation (see `freeze_support`)."""
+    for _, module in prunable_layers(model):
+        parametrization = powerprop_of(module)
+        if parametrization is not None:
+            parametrization.support = None
 
 
 def powerprop_of(module: nn.Module) -> Powerprop | None:

@@ -1,0 +1,113 @@
+"""Time one federated round of the product against a plain PyTorch loop doing the same dense work.
+
+Both sides train the same clients (same model, samples, batch size, SGD with weight decay, one local
+epoch, a fresh optimizer per client, the global state loaded before each client) and average the
+client models; the product additionally encodes/decodes every message and computes its round
+metrics, i.e. everything a real round does except the central evaluation. Rounds are interleaved
+and the median over `--repeats` rounds is reported, as a ratio to the plain loop of the same run.
+
+    python -m benchmarks.round_overhead                  # small CNN, 10 clients x 100 steps x batch 16, CPU
+    python -m benchmarks.round_overhead --device cuda    # resnet18_cifar, 10 clients x 500 samples x batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from benchmarks._common import pick_device, print_table, synchronize
+from sparsyfed_lightning.client.module import ClientModule
+from sparsyfed_lightning.data.loaders import TensorBatchLoader
+from sparsyfed_lightning.federated.trainer import FederatedTrainer
+from sparsyfed_lightning.methods import Dense, SparsyFed
+
+
+class SyntheticFederatedData:
+    """Random inputs split evenly over clients, resident on `device` (what FederatedDataModule offers)."""
+
+    def __init__(self, clients: int, samples: int, shape: tuple[int, ...], batch_size: int,
+                 device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.num_clients = clients
+        self.num_classes = 10
+        self.batch_size = batch_size
+        self.inputs = torch.randn(clients, samples, *shape, generator=generator).to(device)
+        self.labels = torch.randint(0, 10, (clients, samples), generator=generator).to(device)
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def client_train_dataloader(self, cid: int, seed: int = 0) -> TensorBatchLoader:
+        return TensorBatchLoader(self.inputs[cid], self.labels[cid], self.batch_size, shuffle=True, seed=seed)
+
+    def test_dataloader(self) -> TensorBatchLoader:
+        return TensorBatchLoader(self.inputs[0, :256], self.labels[0, :256], 256)
+
+
+def plain_round(net: nn.Module, data: SyntheticFederatedData, lr: float) -> None:
+    """Hand-written FedAvg round: load, train one epoch with fresh SGD, accumulate the average."""
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    total: dict[str, torch.Tensor] = {}
+    for cid in range(data.num_clients):
+        net.load_state_dict(global_state)
+        net.train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=1e-3)
+        for x, y in data.client_train_dataloader(cid, seed=cid):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        for key, value in net.state_dict().items():
+            total[key] = total.get(key, 0) + value.double()
+    net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
+
+
+def product_round_times(method, data, backbone: str, kwargs: dict, device: torch.device, rounds: int):
+    """Per-round seconds (training + aggregation, no evaluation) of `rounds` rounds of the product."""
+    model = ClientModule(backbone, 10, lr=0.05, backbone_kwargs=kwargs)
+    trainer = FederatedTrainer(method=method, rounds=rounds, clients_per_round=data.num_clients,
+                               eval_every=10**6, progress="none", accelerator=device.type, devices=1)
+    trainer.fit(model, datamodule=data)
+    return [m["time_train_s"] + m["time_aggregate_s"] for m in trainer.history[1:]]
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        backbone, kwargs, shape, samples, batch = "resnet18_cifar", {}, (3, 32, 32), 500, 32
+    else:
+        backbone, kwargs, shape, samples, batch = "small_cnn", {"width": 32}, (1, 8, 8), 1600, 16
+    data = SyntheticFederatedData(10, samples, shape, batch, device)
+    plain_net = ClientModule(backbone, 10, backbone_kwargs=kwargs).net.to(device)
+
+    plain, dense, sparse = [], [], []
+    plain_round(plain_net, data, 0.05)  # warm-up
+    for _ in range(args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        plain_round(plain_net, data, 0.05)
+        synchronize(device)
+        plain.append(time.perf_counter() - start)
+        # First round of a fresh run includes one-off set-up; SparsyFed's round 1 is dense (SPEC 9),
+        # so time its round 2 onward.
+        dense.append(statistics.median(product_round_times(Dense(), data, backbone, kwargs, device, 3)[1:]))
+        sparse.append(statistics.median(
+            product_round_times(SparsyFed(0.95), data, backbone, kwargs, device, 3)[1:]))
+    base = statistics.median(plain)
+    results = {"dense": statistics.median(dense) / base, "sparsyfed": statistics.median(sparse) / base}
+    rows = [["plain PyTorch", f"{base:.3f}", "1.00x"]]
+    rows += [[name, f"{ratio * base:.3f}", f"{ratio:.2f}x"] for name, ratio in results.items()]
+    print_table(f"round_overhead: {backbone}, 10 clients x {samples} samples x batch {batch}, {device} "
+                "(target <= 1.15x)", ["round", "seconds", "ratio"], rows)
+    return results
+
+
+if __name__ == "__main__":
+    main()
