@@ -47,7 +47,8 @@ def test_fit_writes_a_complete_run_directory(tiny_config, tmp_path, capsys):
     for name in ("accuracy.png", "accuracy_vs_communication.png", "density.png", "mask_iou.png", "class_counts.png"):
         assert (run_dir / name).stat().st_size > 1000, name
     capsys.readouterr()
-    assert main(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(run_dir / "global_model.pt")]) == 0
+    saved_model = str(run_dir / "global_model.pt")
+    assert main(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", saved_model]) == 0
     assert '"test_accuracy"' in capsys.readouterr().out
 
 
