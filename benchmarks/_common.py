@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -24,7 +23,11 @@ def synchronize(device: torch.device) -> None:
 def interleaved_medians(
     variants: dict[str, Callable[[], None]], repeats: int, device: torch.device, warmup: int = 1
 ) -> dict[str, float]:
-    """Median wall time of each variant, running them round-robin so drift hits all alike."""
+    """Best (minimum) wall time of each variant, running them round-robin so drift hits all alike.
+
+    The minimum, not the median: on these shared 2-core machines interference only ever adds time,
+    so the fastest repeat is the best estimate of the undisturbed cost (as `timeit` advises).
+    """
     for _ in range(warmup):
         for run in variants.values():
             run()
@@ -36,7 +39,7 @@ def interleaved_medians(
             run()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: min(values) for name, values in samples.items()}
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:

@@ -4,7 +4,8 @@ Both sides train the same clients (same model, samples, batch size, SGD with wei
 epoch, a fresh optimizer per client, the global state loaded before each client) and average the
 client models; the product additionally encodes/decodes every message and computes its round
 metrics, i.e. everything a real round does except the central evaluation. Rounds are interleaved
-and the median over `--repeats` rounds is reported, as a ratio to the plain loop of the same run.
+and the fastest of `--repeats` rounds is reported (interference on these shared machines only adds
+time), as a ratio to the plain loop of the same run.
 
     python -m benchmarks.round_overhead                  # small CNN, 10 clients x 100 steps x batch 16, CPU
     python -m benchmarks.round_overhead --device cuda    # resnet18_cifar, 10 clients x 500 samples x batch 32
@@ -13,7 +14,6 @@ and the median over `--repeats` rounds is reported, as a ratio to the plain loop
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -97,11 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         plain.append(time.perf_counter() - start)
         # First round of a fresh run includes one-off set-up; SparsyFed's round 1 is dense (SPEC 9),
         # so time its round 2 onward.
-        dense.append(statistics.median(product_round_times(Dense(), data, backbone, kwargs, device, 3)[1:]))
-        sparse.append(statistics.median(
-            product_round_times(SparsyFed(0.95), data, backbone, kwargs, device, 3)[1:]))
-    base = statistics.median(plain)
-    results = {"dense": statistics.median(dense) / base, "sparsyfed": statistics.median(sparse) / base}
+        dense.append(min(product_round_times(Dense(), data, backbone, kwargs, device, 3)[1:]))
+        sparse.append(min(product_round_times(SparsyFed(0.95), data, backbone, kwargs, device, 3)[1:]))
+    base = min(plain)
+    results = {"dense": min(dense) / base, "sparsyfed": min(sparse) / base}
     rows = [["plain PyTorch", f"{base:.3f}", "1.00x"]]
     rows += [[name, f"{ratio * base:.3f}", f"{ratio:.2f}x"] for name, ratio in results.items()]
     print_table(f"round_overhead: {backbone}, 10 clients x {samples} samples x batch {batch}, {device} "

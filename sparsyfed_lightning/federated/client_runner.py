@@ -4,7 +4,9 @@ One `ClientModule` and one inner `lightning.Trainer` serve every client of a run
 the received global state, sets the round's learning rate and raises `fit_loop.max_epochs` by the
 number of local epochs (the Trainer-reuse pattern NVFlare uses). A fresh Trainer per client costs
 about 2.6x a plain PyTorch loop on GPU (DESIGN.md); reuse removes the construction and most setup.
-Client fits are quiet: no logger, checkpointing, progress bar or model summary.
+The fitting Trainer runs in Lightning's barebones mode (no logging, progress bar, checkpointing or
+model summary machinery in the step: measured here, 1.17x a plain loop's step instead of 1.35x with
+those features merely switched off); evaluation, which logs its metrics, has its own Trainer.
 
 Determinism: before each fit the global RNGs are seeded from (seed, round, client) and the client's
 loader shuffles with the same seed, so a client's update is a pure function of what it received.
@@ -76,13 +78,13 @@ class ClientRunner:
         self.method = method
         self.local_epochs = local_epochs
         self.trainer = L.Trainer(
-            max_epochs=0,
+            max_epochs=0, barebones=True, callbacks=method.client_callbacks(), **trainer_kwargs
+        )
+        self.eval_trainer = L.Trainer(
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            num_sanity_val_steps=0,
-            callbacks=method.client_callbacks(),
             **trainer_kwargs,
         )
 
@@ -108,7 +110,7 @@ class ClientRunner:
         """Loss and accuracy of `global_state` on `loader` (eval mode: no activation pruning)."""
         self.load(global_state)
         self.method.on_global_loaded(self.module.net)
-        results = self.trainer.validate(self.module, dataloaders=loader, verbose=False)
+        results = self.eval_trainer.validate(self.module, dataloaders=loader, verbose=False)
         return {"test_loss": float(results[0]["val_loss"]), "test_accuracy": float(results[0]["val_accuracy"])}
 
 

@@ -42,10 +42,11 @@ from sparsyfed_lightning.sparse.powerprop import _SignedPower, signed_power
 from sparsyfed_lightning.sparse.pruning import magnitude_threshold
 
 MIN_KEEP_FRACTION = 1e-7  # SPEC 4.1: avoids k = 0 when a whole layer has been pruned away
-# Tensors smaller than this (256 KiB of fp32) are kept as a dense pruned copy and small ReLUs keep
-# their output: for them the extra kernels of a compact encoding cost more time than the few
-# kilobytes they save. Every ResNet-18 conv input at batch 32 is larger than this.
-MIN_COMPACT_NUMEL = 1 << 16
+# Tensors smaller than this (1 MiB of fp32) are kept as a dense pruned copy, small ReLUs keep their
+# output and small Powerprop weights are saved as they are: for them the extra kernels of a compact
+# encoding cost more time than the kilobytes they save. Every conv input of ResNet-18 at batch 32
+# (the smallest is 32 x 512 x 4 x 4) is at least this large.
+MIN_COMPACT_NUMEL = 1 << 18
 ThresholdMode = Literal["first_batch", "per_step"]
 
 
@@ -337,7 +338,7 @@ def _make_pack(x: torch.Tensor, state: _LayerState, min_compact_numel: int) -> C
             state.kept, state.total = compact.values.numel(), input_numel
             return compact
         node = t.grad_fn
-        if isinstance(node, _SignedPower._backward_cls):
+        if isinstance(node, _SignedPower._backward_cls) and t.numel() >= min_compact_numel:
             (stored,) = node.saved_tensors
             return _RecomputedWeight(stored, node.exponent, node.support)
         return t

@@ -23,6 +23,28 @@ from torch.nn.utils import parametrize
 from sparsyfed_lightning.sparse.layers import prunable_layers
 
 
+def abs_pow(v: torch.Tensor, exponent: float) -> torch.Tensor:
+    """`|v| ** exponent`, through square roots and products when `4 * exponent` is a small integer.
+
+    `pow` with a fractional exponent costs about 3 ns per element on these CPUs against 0.5 ns for
+    a square root, and beta = 1.25 (the paper's) needs `|v| ** 0.25` in every forward and backward.
+    The results differ from `pow` by at most an ulp or two; forward and backward share this
+    function, so the gradient stays the exact derivative of what the forward computed.
+    """
+    quarters = exponent * 4
+    magnitude = v.abs()
+    if quarters != round(quarters) or not 1 <= quarters <= 16:
+        return magnitude.pow_(exponent)
+    quarters = round(quarters)
+    if quarters % 4 == 0:
+        base, power = magnitude, quarters // 4
+    elif quarters % 2 == 0:
+        base, power = magnitude.sqrt_(), quarters // 2
+    else:
+        base, power = magnitude.sqrt_().sqrt_(), quarters
+    return base if power == 1 else base.pow(power)
+
+
 class _SignedPower(torch.autograd.Function):
     """`v * |v| ** (exponent - 1)` (= sign(v)|v|^exponent) with a backward that saves only `v`.
 
@@ -38,10 +60,10 @@ class _SignedPower(torch.autograd.Function):
         ctx.exponent = exponent
         ctx.support = support
         if support is None:
-            return v * v.abs().pow(exponent - 1.0)
+            return v * abs_pow(v, exponent - 1.0)
         values = v.reshape(-1)[support]
         out = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
-        out[support] = values * values.abs().pow(exponent - 1.0)
+        out[support] = values * abs_pow(values, exponent - 1.0)
         return out.reshape(v.shape)
 
     @staticmethod
@@ -49,10 +71,10 @@ class _SignedPower(torch.autograd.Function):
         (v,) = ctx.saved_tensors
         exponent, support = ctx.exponent, ctx.support
         if support is None:
-            return grad * (exponent * v.abs().pow(exponent - 1.0)), None, None
+            return grad * abs_pow(v, exponent - 1.0).mul_(exponent), None, None
         values = v.reshape(-1)[support]
         out = torch.zeros(v.numel(), dtype=grad.dtype, device=grad.device)
-        out[support] = grad.reshape(-1)[support] * (exponent * values.abs().pow(exponent - 1.0))
+        out[support] = grad.reshape(-1)[support] * abs_pow(values, exponent - 1.0).mul_(exponent)
         return out.reshape(v.shape), None, None
 
 
