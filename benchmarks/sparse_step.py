@@ -21,6 +21,7 @@ from sparsyfed_lightning.models import build_model
 from sparsyfed_lightning.sparse import (
     ActivationPruning,
     SavedTensorMeter,
+    freeze_support,
     layerwise_magnitude_prune,
     powerpropify,
     prunable_weights,
@@ -63,7 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--beta", type=float, default=1.25)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     torch.manual_seed(0)
 
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     powerprop = powerpropify(copy.deepcopy(dense), args.beta)
     pruned_first = copy.deepcopy(powerprop)
     pruned_each = copy.deepcopy(powerprop)
+    for model in (powerprop, pruned_first, pruned_each):
+        freeze_support(model)  # what a SparsyFed client fit does (FrozenSupportCallback)
     models = {
         "dense": (dense, None),
         "powerprop": (powerprop, None),

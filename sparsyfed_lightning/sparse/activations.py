@@ -130,18 +130,18 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 class _CompactReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = x.clamp_min(0)
-        positive = out > 0
-        packed = pack_bits(positive)
-        ctx.save_for_backward(packed)
+        out = torch.relu(x)
+        ctx.save_for_backward(pack_bits(out > 0))
         ctx.shape = x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (packed,) = ctx.saved_tensors
-        positive = unpack_bits(packed, math.prod(ctx.shape)).reshape(ctx.shape)
-        return torch.where(positive, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        positive = unpack_bits(packed, math.prod(ctx.shape)).view(torch.uint8).reshape(ctx.shape)
+        # ReLU's own backward kernel on a 0/1 tensor of the gradient's dtype: a boolean `where` is
+        # an order of magnitude slower on CPU.
+        return torch.ops.aten.threshold_backward(grad, positive.to(grad.dtype), 0)
 
 
 class CompactReLU(nn.ReLU):
@@ -339,7 +339,7 @@ def _make_pack(x: torch.Tensor, state: _LayerState, min_compact_numel: int) -> C
             return compact
         node = t.grad_fn
         if isinstance(node, _SignedPower._backward_cls) and t.numel() >= min_compact_numel:
-            (stored,) = node.saved_tensors
+            stored = node.saved_tensors[0]
             return _RecomputedWeight(stored, node.exponent, node.support)
         return t
 

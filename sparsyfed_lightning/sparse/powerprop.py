@@ -56,25 +56,29 @@ class _SignedPower(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v: torch.Tensor, exponent: float, support: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(v)
         ctx.exponent = exponent
         ctx.support = support
         if support is None:
+            ctx.save_for_backward(v)
             return v * abs_pow(v, exponent - 1.0)
         values = v.reshape(-1)[support]
+        scale = abs_pow(values, exponent - 1.0)
+        # The support is a few percent of the layer: keep exponent * |v|^(exponent - 1) on it for
+        # the backward instead of recomputing it (a handful of kernels per layer per step).
+        ctx.save_for_backward(v, scale.mul(exponent))
         out = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
-        out[support] = values * abs_pow(values, exponent - 1.0)
+        out[support] = values * scale
         return out.reshape(v.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        (v,) = ctx.saved_tensors
         exponent, support = ctx.exponent, ctx.support
         if support is None:
+            (v,) = ctx.saved_tensors
             return grad * abs_pow(v, exponent - 1.0).mul_(exponent), None, None
-        values = v.reshape(-1)[support]
+        v, derivative = ctx.saved_tensors
         out = torch.zeros(v.numel(), dtype=grad.dtype, device=grad.device)
-        out[support] = grad.reshape(-1)[support] * abs_pow(values, exponent - 1.0).mul_(exponent)
+        out[support] = grad.reshape(-1)[support] * derivative
         return out.reshape(v.shape), None, None
 
 
