@@ -55,11 +55,6 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99, 0.999])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--positive-zeros",
-        action="store_true",
-        help="turn the -0.0 entries that pruning by multiplication leaves into +0.0 before encoding",
-    )
     args = parser.parse_args(argv)
 
     base = build_model(args.model, args.num_classes, seed=0).state_dict()
@@ -68,9 +63,6 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         state = {k: v.detach().clone() for k, v in base.items()}
         weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
         global_magnitude_prune(weights, sparsity)
-        if args.positive_zeros:
-            for w in weights:
-                w.add_(0.0)  # -0.0 + 0.0 == +0.0; every other value is unchanged
         payload, stats = encode_state_with_stats(state)
         decoded = decode_state(payload)
         for key, tensor in state.items():  # the benchmark is only meaningful if the codec is lossless

@@ -1,0 +1,54 @@
+"""Run every benchmark and print one table of ratios: `python -m benchmarks [--device cuda]`.
+
+Each benchmark also prints its own detailed table. Ratios are against baselines measured in the same
+run (dense step, plain PyTorch round, dense fp32 message), never absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import codec_bytes, round_overhead, sparse_step, threshold_select
+from benchmarks._common import print_table
+
+
+def main(argv: list[str] | None = None) -> list[list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    common = ["--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+
+    step = sparse_step.main(common)
+    rounds = round_overhead.main(common)
+    thresholds = threshold_select.main(common)
+    codec = codec_bytes.main(["--repeats", str(args.repeats)])
+
+    rows = [
+        ["sparse_step", "powerprop step time / dense", f"{step['powerprop']['time_ratio']:.2f}x", "-"],
+        ["sparse_step", "SparsyFed step time (first_batch) / dense",
+         f"{step['powerprop+AP (first_batch)']['time_ratio']:.2f}x", "<= 1.15x"],
+        ["sparse_step", "SparsyFed step time (per_step) / dense",
+         f"{step['powerprop+AP (per_step)']['time_ratio']:.2f}x", "-"],
+        ["sparse_step", "SparsyFed saved activation bytes / dense",
+         f"{step['powerprop+AP (first_batch)']['saved_ratio']:.2f}x", "<= 0.6x"],
+    ]
+    if "peak_ratio" in step["dense"]:
+        rows.append(["sparse_step", "SparsyFed peak memory / dense",
+                     f"{step['powerprop+AP (first_batch)']['peak_ratio']:.2f}x", "-"])
+    rows += [
+        ["round_overhead", "dense round / plain PyTorch", f"{rounds['dense']:.2f}x", "<= 1.15x"],
+        ["round_overhead", "SparsyFed round / plain PyTorch", f"{rounds['sparsyfed']:.2f}x", "<= 1.15x"],
+        ["threshold_select", "topk selection, all layers / dense step",
+         f"{thresholds['magnitude_threshold (topk)']:.2f}x", "-"],
+    ]
+    for row in codec:
+        if row[0] == "0.95":
+            rows.append(["codec_bytes", "uplink bytes at 95% / dense fp32", row[4], "<= 1/15"])
+    print_table("summary", ["benchmark", "measure", "value", "target"], rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
