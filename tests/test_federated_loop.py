@@ -202,3 +202,14 @@ def test_unknown_method_and_bad_settings_are_clear_errors():
         TopK(1.2)
     with pytest.raises(ValueError, match="trainer.rounds must be an integer >= 1, got 0"):
         FederatedTrainer(rounds=0)
+
+
+def test_layer_collapse_at_extreme_sparsity_and_the_guard(run_rounds):
+    """At 99% the global ranking wipes out the widest conv of this small CNN (its weights start
+    smallest); the min_layer_density guard keeps every layer alive."""
+    unguarded = run_rounds(TopK(0.99), rounds=1)
+    assert min(unguarded.history[-1]["layer_density"].values()) == 0.0
+    guarded = run_rounds(TopK(0.99, min_layer_density=0.002), rounds=1)
+    assert min(guarded.history[-1]["layer_density"].values()) > 0.0
+    with pytest.raises(ValueError, match="method.min_layer_density=0.5 is invalid"):
+        SparsyFed(0.95, min_layer_density=0.5)

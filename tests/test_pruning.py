@@ -89,3 +89,24 @@ def test_pruned_entries_are_positive_zeros():
     zeros = t[t == 0]
     assert zeros.numel() == 900
     assert not torch.any(torch.signbit(zeros))
+
+
+def test_min_layer_density_guards_every_layer_and_keeps_the_exact_count():
+    torch.manual_seed(0)
+    small = torch.randn(1000) * 0.01  # would be wiped out entirely by global pruning at 99%
+    large = torch.randn(200)
+    originals = [small.clone(), large.clone()]
+    global_magnitude_prune([small, large], 0.99, min_layer_density=0.005)
+    assert int((small != 0).sum()) + int((large != 0).sum()) == 1200 - round(0.99 * 1200)
+    assert int((small != 0).sum()) == 5  # ceil(0.005 * 1000) reserved, the five largest
+    top5 = torch.topk(originals[0].abs(), 5).indices
+    assert torch.all(small[top5] != 0)
+    unguarded = [o.clone() for o in originals]
+    global_magnitude_prune(unguarded, 0.99)
+    assert int((unguarded[0] != 0).sum()) == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.02, 0.5])
+def test_min_layer_density_must_leave_room_for_the_target(bad):
+    with pytest.raises(ValueError, match="min_layer_density"):
+        global_magnitude_prune([torch.randn(100)], 0.99, min_layer_density=bad)

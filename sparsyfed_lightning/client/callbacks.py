@@ -168,10 +168,12 @@ class EndOfFitPruning(L.Callback):
 
     Also measures weight regrowth against the received model after training and after pruning over
     all parameters (SPEC 9.2): `after_training_activated`, `after_pruning_deactivated`, ...
+    `min_layer_density` > 0 guards every layer against collapse (not the authors' behaviour).
     """
 
-    def __init__(self, sparsity: float) -> None:
+    def __init__(self, sparsity: float, min_layer_density: float = 0.0) -> None:
         self.sparsity = sparsity
+        self.min_layer_density = min_layer_density
         self.regrowth = RegrowthStats()
 
     @override
@@ -182,5 +184,7 @@ class EndOfFitPruning(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.regrowth.measure(pl_module.net, "after_training")
         if self.sparsity > 0:
-            global_magnitude_prune(prunable_weights(pl_module.net).values(), self.sparsity)
+            global_magnitude_prune(
+                prunable_weights(pl_module.net).values(), self.sparsity, self.min_layer_density
+            )
         self.regrowth.measure(pl_module.net, "after_pruning")

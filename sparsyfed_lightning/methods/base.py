@@ -31,12 +31,20 @@ class Method:
 
     Args:
         sparsity: target sparsity of the uplink model, in [0, 1).
+        min_layer_density: end-of-fit pruning keeps at least this fraction of every layer (a guard
+            against layer collapse at extreme sparsity; 0, the authors' behaviour, has no guard).
     """
 
     name: ClassVar[str] = "base"
 
-    def __init__(self, sparsity: float = 0.0) -> None:
+    def __init__(self, sparsity: float = 0.0, min_layer_density: float = 0.0) -> None:
         self.sparsity = check_sparsity(sparsity, "method.sparsity")
+        if not 0.0 <= min_layer_density < 1.0 - self.sparsity:
+            raise ValueError(
+                f"method.min_layer_density={min_layer_density!r} is invalid; it must be in "
+                f"[0, 1 - sparsity = {1.0 - self.sparsity:g})"
+            )
+        self.min_layer_density = float(min_layer_density)
         self._callbacks: list[L.Callback] | None = None
         self.round = 0
 
@@ -46,7 +54,7 @@ class Method:
 
     def build_callbacks(self) -> list[L.Callback]:
         """The client-side callbacks of this method (called once; see `client_callbacks`)."""
-        return [EndOfFitPruning(self.sparsity)]
+        return [EndOfFitPruning(self.sparsity, self.min_layer_density)]
 
     def client_callbacks(self) -> list[L.Callback]:
         """The callbacks every client fit runs with; the same objects for the whole run."""
@@ -85,4 +93,4 @@ class Method:
 
     def describe(self) -> dict[str, Any]:
         """Name and settings, for logs and run directories."""
-        return {"name": self.name, "sparsity": self.sparsity}
+        return {"name": self.name, "sparsity": self.sparsity, "min_layer_density": self.min_layer_density}

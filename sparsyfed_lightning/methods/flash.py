@@ -42,19 +42,23 @@ class FLASH(Method):
     Args:
         sparsity: target sparsity, in [0, 1).
         mask_search_round: the round whose client models define the mask (the paper: 1).
+        min_layer_density: layer-collapse guard of end-of-fit pruning (0: none, faithful).
     """
 
     name = "flash"
 
-    def __init__(self, sparsity: float = 0.95, mask_search_round: int = 1) -> None:
-        super().__init__(sparsity=sparsity)
+    def __init__(self, sparsity: float = 0.95, mask_search_round: int = 1, min_layer_density: float = 0.0) -> None:
+        super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
         if mask_search_round < 1:
             raise ValueError(f"method.mask_search_round must be >= 1, got {mask_search_round}")
         self.mask_search_round = mask_search_round
         self._profile = DensityProfile()
 
     def build_callbacks(self) -> list[L.Callback]:
-        return [_RoundGatedGradientMask(self, self.mask_search_round + 1), EndOfFitPruning(self.sparsity)]
+        return [
+            _RoundGatedGradientMask(self, self.mask_search_round + 1),
+            EndOfFitPruning(self.sparsity, self.min_layer_density),
+        ]
 
     def observe_client(self, round_index: int, state: dict[str, torch.Tensor], weight: float) -> None:
         if round_index == self.mask_search_round:

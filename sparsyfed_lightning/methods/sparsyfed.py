@@ -24,6 +24,7 @@ class SparsyFed(Method):
             paper's "no activation pruning" ablation).
         threshold: "first_batch" (faithful: a conv layer's activation threshold is selected on the
             first batch of a fit and reused) or "per_step" (selected at every step).
+        min_layer_density: layer-collapse guard of end-of-fit pruning (0: none, faithful).
     """
 
     name = "sparsyfed"
@@ -34,8 +35,9 @@ class SparsyFed(Method):
         beta: float = 1.25,
         activation_pruning: bool = True,
         threshold: Literal["first_batch", "per_step"] = "first_batch",
+        min_layer_density: float = 0.0,
     ) -> None:
-        super().__init__(sparsity=sparsity)
+        super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
         if not math.isfinite(beta) or beta < 1.0:
             raise ValueError(f"method.beta must be a number >= 1, got {beta!r}")
         if threshold not in ("first_batch", "per_step"):
@@ -53,7 +55,7 @@ class SparsyFed(Method):
             callbacks.append(
                 ActivationPruningCallback(threshold=self.threshold, refresh_every_step=self.beta == 1.0)
             )
-        callbacks.append(EndOfFitPruning(self.sparsity))
+        callbacks.append(EndOfFitPruning(self.sparsity, self.min_layer_density))
         return callbacks
 
     def describe(self) -> dict[str, Any]:

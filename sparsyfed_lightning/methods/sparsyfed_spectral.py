@@ -29,6 +29,7 @@ class SparsyFedSpectral(Method):
         activation_pruning: prune the activations saved for the weight gradient.
         threshold: "first_batch" (faithful) or "per_step"; see `SparsyFed`.
         seed: seed of the power-iteration start vectors.
+        min_layer_density: layer-collapse guard of end-of-fit pruning (0: none, faithful).
     """
 
     name = "sparsyfed_spectral"
@@ -39,8 +40,9 @@ class SparsyFedSpectral(Method):
         activation_pruning: bool = True,
         threshold: Literal["first_batch", "per_step"] = "first_batch",
         seed: int = 0,
+        min_layer_density: float = 0.0,
     ) -> None:
-        super().__init__(sparsity=sparsity)
+        super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
         self.activation_pruning = activation_pruning
         self.threshold = threshold
         self.seed = seed
@@ -55,7 +57,7 @@ class SparsyFedSpectral(Method):
         callbacks: list[L.Callback] = [SpectralExponentCallback(self.seed), FrozenSupportCallback()]
         if self.activation_pruning:
             callbacks.append(ActivationPruningCallback(threshold=self.threshold))
-        callbacks.append(EndOfFitPruning(self.sparsity))
+        callbacks.append(EndOfFitPruning(self.sparsity, self.min_layer_density))
         return callbacks
 
     def on_global_loaded(self, net: nn.Module) -> None:

@@ -10,9 +10,10 @@ class TopK(Method):
 
     Args:
         sparsity: target sparsity of the uplink model, in [0, 1).
+        min_layer_density: layer-collapse guard of end-of-fit pruning (0: none, faithful).
     """
 
     name = "topk"
 
-    def __init__(self, sparsity: float = 0.95) -> None:
-        super().__init__(sparsity=sparsity)
+    def __init__(self, sparsity: float = 0.95, min_layer_density: float = 0.0) -> None:
+        super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)

@@ -27,12 +27,19 @@ class ZeroFL(Method):
         sparsity: target sparsity, in [0, 1).
         mask_ratio: ZeroFL's mask ratio, in [0, sparsity].
         first_layer_dense: keep the stem dense during local training.
+        min_layer_density: layer-collapse guard of end-of-fit pruning (0: none, faithful).
     """
 
     name = "zerofl"
 
-    def __init__(self, sparsity: float = 0.95, mask_ratio: float = 0.0, first_layer_dense: bool = True) -> None:
-        super().__init__(sparsity=sparsity)
+    def __init__(
+        self,
+        sparsity: float = 0.95,
+        mask_ratio: float = 0.0,
+        first_layer_dense: bool = True,
+        min_layer_density: float = 0.0,
+    ) -> None:
+        super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
         if not 0.0 <= mask_ratio <= self.sparsity:
             raise ValueError(f"method.mask_ratio must be in [0, sparsity={self.sparsity}], got {mask_ratio!r}")
         self.mask_ratio = mask_ratio
@@ -49,7 +56,7 @@ class ZeroFL(Method):
         return [
             WeightTopKCallback(self.effective_sparsity, skip_layers=self._skip),
             ActivationPruningCallback(keep_fraction=1.0 - self.effective_sparsity, skip_layers=self._skip),
-            EndOfFitPruning(self.effective_sparsity),
+            EndOfFitPruning(self.effective_sparsity, self.min_layer_density),
         ]
 
     def describe(self) -> dict[str, Any]:

@@ -64,14 +64,21 @@ def magnitude_threshold(x: torch.Tensor, keep_fraction: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_smallest_(tensors: Sequence[torch.Tensor], n_prune: int) -> list[torch.Tensor]:
+def prune_smallest_(
+    tensors: Sequence[torch.Tensor], n_prune: int, protected: Sequence[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Zero the `n_prune` smallest-magnitude entries over all `tensors` jointly, in place.
 
-    Returns the keep masks (True = kept), one per tensor.
+    Entries marked in `protected` (boolean masks, one per tensor) are never pruned; `n_prune` is
+    capped at the number of unprotected entries. Returns the keep masks (True = kept).
     """
     if not tensors:
         return []
-    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    parts = [t.detach().reshape(-1).abs().float() for t in tensors]
+    if protected is not None:
+        parts = [m.masked_fill(p.reshape(-1), math.inf) for m, p in zip(parts, protected, strict=True)]
+        n_prune = min(n_prune, sum(int((~p).sum()) for p in protected))
+    magnitudes = torch.cat(parts)
     pruned = smallest_magnitude_mask(magnitudes, n_prune)
     masks = []
     for t, pruned_part in zip(tensors, torch.split(pruned, [t.numel() for t in tensors]), strict=True):
@@ -81,15 +88,30 @@ def prune_smallest_(tensors: Sequence[torch.Tensor], n_prune: int) -> list[torch
     return masks
 
 
-def global_magnitude_prune(tensors: Iterable[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+def global_magnitude_prune(
+    tensors: Iterable[torch.Tensor], sparsity: float, min_layer_density: float = 0.0
+) -> list[torch.Tensor]:
     """Prune `round(sparsity * N)` smallest magnitudes over all tensors jointly, in place (SPEC 5).
 
-    Returns the keep masks, one per tensor.
+    `min_layer_density > 0` is a guard against layer collapse that the authors' code does not have
+    (SPEC 15, quirk 8): each tensor first reserves its `ceil(min_layer_density * numel)` largest
+    magnitudes, which are never pruned, and the global ranking prunes among the rest. It must be
+    below `1 - sparsity`. Returns the keep masks, one per tensor.
     """
     sparsity = check_sparsity(sparsity)
+    if not 0.0 <= min_layer_density < 1.0 - sparsity:
+        raise ValueError(
+            f"min_layer_density={min_layer_density!r} is invalid; it must be in [0, 1 - sparsity = {1.0 - sparsity:g})"
+        )
     tensors = list(tensors)
     total = sum(t.numel() for t in tensors)
-    return prune_smallest_(tensors, round(sparsity * total))
+    protected = None
+    if min_layer_density > 0:
+        protected = [
+            ~smallest_magnitude_mask(t.detach().abs(), t.numel() - math.ceil(min_layer_density * t.numel()))
+            for t in tensors
+        ]
+    return prune_smallest_(tensors, round(sparsity * total), protected)
 
 
 def layerwise_magnitude_prune(tensors: Iterable[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
