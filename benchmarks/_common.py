@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
 import torch
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
+    """The options every benchmark takes: --device, --repeats, --threads."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def apply_common_arguments(args: argparse.Namespace) -> torch.device:
+    """Set the thread count and return the device the benchmark runs on."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
 
 
 def pick_device(requested: str) -> torch.device:

@@ -31,17 +31,34 @@ import torch
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.module import FederatedDataModule
 from sparsyfed_lightning.federated.trainer import FederatedTrainer
-from sparsyfed_lightning.methods import build_method
+from sparsyfed_lightning.methods import FLASH, Method, SparsyFed, TopK, ZeroFL, build_method
 
 SPARSE_METHODS = ("topk", "zerofl", "flash", "sparsyfed")
+# Ablations and options, selectable with --methods: the paper's SparsyFed ablations, and the
+# layer-collapse guard (keep at least a tenth of the target density in every layer).
+VARIANTS: dict[str, Any] = {
+    "sparsyfed_no_activation_pruning": lambda s: SparsyFed(s, activation_pruning=False),
+    "sparsyfed_beta1": lambda s: SparsyFed(s, beta=1.0),
+    "sparsyfed_per_step": lambda s: SparsyFed(s, threshold="per_step"),
+    "sparsyfed_guarded": lambda s: SparsyFed(s, min_layer_density=(1 - s) / 10),
+    "topk_guarded": lambda s: TopK(s, min_layer_density=(1 - s) / 10),
+    "zerofl_guarded": lambda s: ZeroFL(s, min_layer_density=(1 - s) / 10),
+    "flash_guarded": lambda s: FLASH(s, min_layer_density=(1 - s) / 10),
+}
+
+
+def make_method(name: str, sparsity: float) -> Method:
+    """A method by fidelity name: a registry name or one of `VARIANTS`."""
+    if name in VARIANTS:
+        return VARIANTS[name](sparsity)
+    return build_method(name) if name == "dense" else build_method(name, sparsity=sparsity)
 
 
 def run_once(method: str, sparsity: float, data: FederatedDataModule, seed: int, rounds: int) -> dict[str, Any]:
     """One federated run; returns its summary numbers."""
-    kwargs = {} if method == "dense" else {"sparsity": sparsity}
     model = ClientModule("small_cnn", data.num_classes, lr=0.1, backbone_kwargs={"width": 32}, init_seed=seed)
     trainer = FederatedTrainer(
-        method=build_method(method, **kwargs), rounds=rounds, clients_per_round=data.num_clients,
+        method=make_method(method, sparsity), rounds=rounds, clients_per_round=data.num_clients,
         lr_final=0.01, eval_every=rounds, seed=seed, accelerator="cpu", devices=1, progress="none",
     )
     trainer.fit(model, datamodule=data)
@@ -65,7 +82,9 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def render(results: dict[str, list[dict[str, Any]]], sparsities: list[float], alphas: list[float]) -> str:
+def render(
+    results: dict[str, list[dict[str, Any]]], sparsities: list[float], alphas: list[float], methods: list[str]
+) -> str:
     """Markdown tables of the results (keys `method|sparsity|alpha`)."""
     lines = ["### Final test accuracy (%), mean ± std over seeds", ""]
     header = "| LDA alpha | method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"
@@ -74,7 +93,7 @@ def render(results: dict[str, list[dict[str, Any]]], sparsities: list[float], al
         dense = results[f"dense|0.0|{alpha}"]
         lines.append(f"| {alpha:g} | dense | " + " | ".join(
             [_mean_std([r["accuracy"] for r in dense], 100)] * len(sparsities)) + " |")
-        for method in SPARSE_METHODS:
+        for method in methods:
             cells = [_mean_std([r["accuracy"] for r in results[f"{method}|{s}|{alpha}"]], 100) for s in sparsities]
             lines.append(f"| {alpha:g} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "### Per-round dynamics and communication (mean over seeds and rounds >= 2)", "",
@@ -85,7 +104,7 @@ def render(results: dict[str, list[dict[str, Any]]], sparsities: list[float], al
         dense = results[f"dense|0.0|{alpha}"]
         up_dense = statistics.fmean(r["uplink_bytes"] for r in dense)
         down_dense = statistics.fmean(r["downlink_bytes"] for r in dense)
-        for method in SPARSE_METHODS:
+        for method in methods:
             for s in sparsities:
                 rows = results[f"{method}|{s}|{alpha}"]
                 lines.append(
@@ -105,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.1])
-    parser.add_argument("--methods", nargs="+", default=list(SPARSE_METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(SPARSE_METHODS),
+                        help=f"from {', '.join([*SPARSE_METHODS, *VARIANTS])}")
     parser.add_argument("--out", default="benchmarks/out/fidelity")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                       f"({elapsed / 60:.1f} min elapsed, ~{elapsed / done * (total - done) / 60:.1f} min left)",
                       flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = render(results, args.sparsities, args.alphas)
+    table = render(results, args.sparsities, args.alphas, args.methods)
     (out / "tables.md").write_text(table)
     print(table)
     print(f"total {(time.perf_counter() - started) / 60:.1f} min")

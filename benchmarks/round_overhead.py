@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks._common import pick_device, print_table, synchronize
+from benchmarks._common import add_common_arguments, apply_common_arguments, print_table, synchronize
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import TensorBatchLoader
 from sparsyfed_lightning.federated.trainer import FederatedTrainer
@@ -76,13 +76,9 @@ def product_round_times(method, data, backbone: str, kwargs: dict, device: torch
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_common_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = apply_common_arguments(args)
     if device.type == "cuda":
         backbone, kwargs, shape, samples, batch = "resnet18_cifar", {}, (3, 32, 32), 500, 32
     else:

@@ -16,7 +16,13 @@ import copy
 import torch
 from torch import nn
 
-from benchmarks._common import interleaved_medians, pick_device, print_table, synchronize
+from benchmarks._common import (
+    add_common_arguments,
+    apply_common_arguments,
+    interleaved_medians,
+    print_table,
+    synchronize,
+)
 from sparsyfed_lightning.models import build_model
 from sparsyfed_lightning.sparse import (
     ActivationPruning,
@@ -59,16 +65,12 @@ def _peak_bytes(step, device: torch.device) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--beta", type=float, default=1.25)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_common_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = apply_common_arguments(args)
     torch.manual_seed(0)
 
     dense = build_model("resnet18_cifar", 10, seed=0)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from benchmarks._common import interleaved_medians, pick_device, print_table
+from benchmarks._common import add_common_arguments, apply_common_arguments, interleaved_medians, print_table
 from sparsyfed_lightning.models import build_model
 from sparsyfed_lightning.sparse import magnitude_threshold, prunable_layers
 
@@ -37,15 +37,11 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--keep", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_common_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = apply_common_arguments(args)
     model = build_model("resnet18_cifar", 10, seed=0).to(device)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)

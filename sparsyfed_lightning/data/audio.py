@@ -26,12 +26,13 @@ Pipeline per clip:
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
 import torch
+
+from sparsyfed_lightning.data.stored import stored_source
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = SAMPLE_RATE  # 1 s
@@ -66,14 +67,7 @@ def _import_audio_backends():
 def decode_clip(value: dict | bytes | None) -> np.ndarray:
     """Decode one stored audio value (`{"bytes", "path"}` struct or raw bytes) to 16 kHz mono float32."""
     soundfile, torchaudio = _import_audio_backends()
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        source = io.BytesIO(data) if data else path
-    else:
-        source = io.BytesIO(value) if value else None
-    if source is None:
-        raise ValueError("no bytes and no path")
-    samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    samples, rate = soundfile.read(stored_source(value), dtype="float32", always_2d=True)
     mono = samples.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, SAMPLE_RATE).numpy()

@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 
 import numpy as np
 import torch
+
+from sparsyfed_lightning.data.stored import stored_source
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -27,14 +28,7 @@ def decode_image(value: dict | bytes | None):
     """Open one stored image value with PIL (bytes preferred, else the path)."""
     from PIL import Image
 
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        source = io.BytesIO(data) if data else path
-    else:
-        source = io.BytesIO(value) if value else None
-    if source is None:
-        raise ValueError("no bytes and no path")
-    image = Image.open(source)
+    image = Image.open(stored_source(value))
     image.load()
     return image
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """`torch.save` to `path` so that a reader (or a crash) never sees a half-written file."""
+def _write_atomic(path: str | os.PathLike[str], mode: str, write: Callable[[Any], None]) -> None:
+    """Run `write(handle)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -26,18 +27,14 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         raise
 
 
+def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """`torch.save` to `path` so that a reader (or a crash) never sees a half-written file."""
+    _write_atomic(path, "wb", lambda handle: torch.save(obj, handle))
+
+
 def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
     """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, "w", lambda handle: handle.write(text))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
