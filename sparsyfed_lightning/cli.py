@@ -39,6 +39,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from sparsyfed_lightning import __version__
 from sparsyfed_lightning.client.module import ClientModule
+from sparsyfed_lightning.data.hub import DatasetUnavailableError
 from sparsyfed_lightning.data.module import FederatedDataModule
 from sparsyfed_lightning.federated.trainer import CHECKPOINT_NAME, FederatedTrainer
 from sparsyfed_lightning.methods import Method, SparsyFed
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    except (UsageError, ValueError, FileNotFoundError) as error:
+    except (UsageError, ValueError, FileNotFoundError, DatasetUnavailableError) as error:
         print(f"sparsyfed: error: {_one_line(error, args)}", file=sys.stderr)
         return 2
     except Exception as error:

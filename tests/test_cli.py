@@ -158,3 +158,12 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_config, tmp_
         assert torch.equal(expected[key], resumed[key]), key
     rounds = [yaml.safe_load(line)["round"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(31))
+
+
+def test_hub_dataset_offline_is_one_line_and_nothing_written(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = tmp_path / "run"
+    assert _fit(tiny_config, run_dir, "--data.dataset", "cifar10", "--model.backbone_kwargs.in_channels", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dataset 'cifar10'" in err and "--data.path" in err, err
+    assert not run_dir.exists()
