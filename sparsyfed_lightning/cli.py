@@ -75,11 +75,7 @@ class SparsyFedCLI(LightningCLI):
         trainer: FederatedTrainer = self.trainer  # type: ignore[assignment]
         datamodule: FederatedDataModule = self.datamodule  # type: ignore[assignment]
         config = self.config["fit"]
-        if trainer.clients_per_round > datamodule.num_clients:
-            raise UsageError(
-                f"trainer.clients_per_round={trainer.clients_per_round} is invalid; it must be <= "
-                f"data.num_clients={datamodule.num_clients}"
-            )
+        trainer.check_datamodule(datamodule)  # before anything is written
         run_dir = self._choose_run_dir(trainer, config)
         datamodule.setup("fit")  # data errors surface here, before anything is written
         self._ckpt_path = None

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsyfed_lightning.federated.metrics import packed_mask_iou  # noqa: E402
+from sparsyfed_lightning.sparse.masks import packed_mask_iou  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -198,6 +198,9 @@ def test_unknown_method_and_bad_settings_are_clear_errors():
         build_method("magic")
     with pytest.raises(ValueError, match="method.beta must be a number >= 1, got 0.5"):
         SparsyFed(beta=0.5)
+    for method in (SparsyFed, SparsyFedSpectral):
+        with pytest.raises(ValueError, match="method.threshold must be 'first_batch' or 'per_step', got 'always'"):
+            method(threshold="always")
     with pytest.raises(ValueError, match=r"method.sparsity must be in \[0, 1\), got 1.2"):
         TopK(1.2)
     with pytest.raises(ValueError, match="trainer.rounds must be an integer >= 1, got 0"):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sparsyfed_lightning.federated.metrics import (
+from sparsyfed_lightning.sparse.masks import (
     density,
     density_gain,
     mask_iou,

@@ -24,6 +24,7 @@ from sparsyfed_lightning.sparse import (
     release_support,
     update_spectral_exponents,
 )
+from sparsyfed_lightning.sparse.masks import nonzero_masks, regrowth_counts
 
 
 class ActivationPruningCallback(L.Callback):
@@ -92,14 +93,12 @@ class WeightTopKCallback(L.Callback):
         self.sparsity = sparsity
         self.skip_layers = set(skip_layers)
         self.topk: WeightTopK | None = None
-        self._net: torch.nn.Module | None = None
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.topk is None or self._net is not pl_module.net:
+        if self.topk is None or self.topk.model is not pl_module.net:
             names = [n for n, _ in prunable_layers(pl_module.net) if n not in self.skip_layers]
             self.topk = WeightTopK(pl_module.net, self.sparsity, layer_names=names)
-            self._net = pl_module.net
         self.topk.attach()
 
     @override
@@ -146,19 +145,15 @@ class RegrowthStats:
     """Activated/deactivated counts of a client against the model it received (SPEC 9.2)."""
 
     def __init__(self) -> None:
-        self.reference: list[torch.Tensor] = []
+        self.reference: dict[str, torch.Tensor] = {}
         self.stats: dict[str, int] = {}
 
     def snapshot(self, module: torch.nn.Module) -> None:
-        self.reference = [p.detach() != 0 for p in module.parameters()]
+        self.reference = nonzero_masks(dict(module.named_parameters()))
         self.stats = {}
 
     def measure(self, module: torch.nn.Module, prefix: str) -> None:
-        counts = []
-        for p, ref in zip(module.parameters(), self.reference, strict=True):
-            nonzero = p.detach() != 0
-            counts.append(torch.stack([(nonzero & ~ref).sum(), (~nonzero & ref).sum()]))
-        activated, deactivated = torch.stack(counts).sum(0).tolist()  # one sync
+        activated, deactivated = regrowth_counts(self.reference, dict(module.named_parameters()))
         self.stats[f"{prefix}_activated"] = activated
         self.stats[f"{prefix}_deactivated"] = deactivated
 

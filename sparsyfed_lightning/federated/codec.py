@@ -11,7 +11,7 @@ Decisions:
 
 * "Zero" means all bits zero. Values are compared as same-width integers, so `-0.0` and NaN
   payloads are kept as values and every tensor round-trips bit-exactly (the metrics in
-  `federated.metrics` use numerical `!= 0` instead, as the authors' analyses did). The flip side:
+  `sparse.masks` use numerical `!= 0` instead, as the authors' analyses did). The flip side:
   a `-0.0` costs as much as any stored value. Pruning by multiplication (`w * mask`) turns every
   pruned negative weight into `-0.0` (about half the zeros), which made a 95%-sparse ResNet-18
   uplink 0.56x dense fp32 instead of 0.06x; prune with `masked_fill_`/`where`, or add `0.0`

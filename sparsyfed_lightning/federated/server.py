@@ -15,7 +15,10 @@ import torch
 
 from sparsyfed_lightning.federated.client_runner import ClientResult, decode_result
 from sparsyfed_lightning.federated.codec import MessageStats, encode_state_with_stats
-from sparsyfed_lightning.federated.metrics import (
+from sparsyfed_lightning.methods.base import Method
+from sparsyfed_lightning.server.aggregation import WeightedAverage
+from sparsyfed_lightning.server.optimizers import ServerOptimizer
+from sparsyfed_lightning.sparse.masks import (
     density,
     density_gain,
     mask_iou,
@@ -25,9 +28,6 @@ from sparsyfed_lightning.federated.metrics import (
     per_tensor_density,
     unpack_masks,
 )
-from sparsyfed_lightning.methods.base import Method
-from sparsyfed_lightning.server.aggregation import WeightedAverage
-from sparsyfed_lightning.server.optimizers import ServerOptimizer
 
 _REGROWTH_KEYS = (
     "after_training_activated",
@@ -71,18 +71,17 @@ class FederatedServer:
         self.iou_lag = iou_lag
         self.round = 0
         self.cumulative = {"uplink_bytes": 0, "downlink_bytes": 0, "dense_bytes": 0}
-        self._previous_masks = self._masks()
-        self._lagged_snapshot = pack_masks(self._previous_masks)
+        # Masks of the current global model's conv/linear weights, kept up to date by model_metrics;
+        # they are the "previous round" of the next round's IoU.
+        self._global_masks = nonzero_masks({k: global_state[k] for k in prunable_keys})
+        self._lagged_snapshot = pack_masks(self._global_masks)
         self._aggregate: WeightedAverage | None = None
         self._round_metrics: dict[str, float] = {}
         self._downlink: tuple[bytes, MessageStats] | None = None
 
     def current_masks(self) -> dict[str, torch.Tensor]:
-        """Non-zero masks of the global model's conv/linear weights."""
-        return self._masks()
-
-    def _masks(self) -> dict[str, torch.Tensor]:
-        return nonzero_masks({k: self.global_state[k] for k in self.prunable_keys})
+        """Non-zero masks of the global model's conv/linear weights (computed once per round)."""
+        return self._global_masks
 
     def begin_round(self, round_index: int) -> bytes:
         """Start round `round_index` (1-based); returns the downlink message."""
@@ -154,10 +153,10 @@ class FederatedServer:
             "density": density(weights),
             "density_all_params": density(params),
             "layer_density": per_tensor_density(weights),
-            "mask_iou_previous": mask_iou(masks, self._previous_masks),
+            "mask_iou_previous": mask_iou(masks, self._global_masks),
         }
         metrics["density_gain"] = density_gain(metrics["density"], 1.0 - self.method.sparsity)
-        self._previous_masks = masks
+        self._global_masks = masks
         if self.iou_lag > 0 and self.round % self.iou_lag == 0:
             snapshot = pack_masks(masks)
             metrics["mask_iou_lagged"] = packed_mask_iou(snapshot, self._lagged_snapshot)
@@ -171,7 +170,7 @@ class FederatedServer:
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "cumulative": dict(self.cumulative),
-            "previous_masks": pack_masks(self._previous_masks),
+            "previous_masks": pack_masks(self._global_masks),
             "lagged_snapshot": self._lagged_snapshot,
         }
 
@@ -181,5 +180,5 @@ class FederatedServer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
         self.cumulative = dict(state["cumulative"])
-        self._previous_masks = unpack_masks(state["previous_masks"])
+        self._global_masks = unpack_masks(state["previous_masks"])
         self._lagged_snapshot = state["lagged_snapshot"]

@@ -31,7 +31,6 @@ from sparsyfed_lightning.federated.checkpoint import load_checkpoint, save_atomi
 from sparsyfed_lightning.federated.client_runner import ClientRunner, quiet_lightning, state_on_cpu
 from sparsyfed_lightning.federated.engines import InProcessEngine
 from sparsyfed_lightning.federated.engines_flower import FlowerConfig, require_flower
-from sparsyfed_lightning.federated.metrics import pack_masks
 from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress
 from sparsyfed_lightning.federated.sampling import ClientSampler, UniformSampler
 from sparsyfed_lightning.federated.schedule import exponential_lr
@@ -40,6 +39,7 @@ from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.methods.sparsyfed import SparsyFed
 from sparsyfed_lightning.server.optimizers import FedAvg, ServerOptimizer
 from sparsyfed_lightning.sparse import prunable_weights
+from sparsyfed_lightning.sparse.masks import pack_masks
 
 # Trainer arguments that also shape a client fit (the rest - logger, callbacks, ... - are the
 # federated run's own).
@@ -185,11 +185,7 @@ class FederatedTrainer(L.Trainer):
         """Run the federated rounds on `datamodule` (a `FederatedDataModule`)."""
         if datamodule is None:
             raise ValueError("FederatedTrainer.fit needs datamodule=FederatedDataModule(...)")
-        if self.clients_per_round > datamodule.num_clients:
-            raise ValueError(
-                f"trainer.clients_per_round must be <= data.num_clients ({datamodule.num_clients}), "
-                f"got {self.clients_per_round}"
-            )
+        self.check_datamodule(datamodule)
         datamodule.setup("fit")
         self._prepare(model)
         server, runner = self.server, self.runner
@@ -228,6 +224,14 @@ class FederatedTrainer(L.Trainer):
              verbose: bool = True, datamodule: Any = None, weights_only: bool | None = None) -> list[dict]:
         """Same as `validate`: the central test set is the only held-out set."""
         return self._evaluate_saved(model, datamodule, ckpt_path, verbose)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Reject a data module the run cannot sample from (needs only its configuration)."""
+        if self.clients_per_round > datamodule.num_clients:
+            raise ValueError(
+                f"trainer.clients_per_round={self.clients_per_round} is invalid; it must be <= "
+                f"data.num_clients={datamodule.num_clients}"
+            )
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:

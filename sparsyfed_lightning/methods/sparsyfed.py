@@ -13,6 +13,13 @@ from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.sparse import powerpropify
 
 
+def check_threshold(threshold: str) -> str:
+    """Return `threshold` if it names an activation-threshold mode, else a one-line ValueError."""
+    if threshold not in ("first_batch", "per_step"):
+        raise ValueError(f"method.threshold must be 'first_batch' or 'per_step', got {threshold!r}")
+    return threshold
+
+
 class SparsyFed(Method):
     """SparsyFed with a fixed Powerprop exponent.
 
@@ -40,11 +47,9 @@ class SparsyFed(Method):
         super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
         if not math.isfinite(beta) or beta < 1.0:
             raise ValueError(f"method.beta must be a number >= 1, got {beta!r}")
-        if threshold not in ("first_batch", "per_step"):
-            raise ValueError(f"method.threshold must be 'first_batch' or 'per_step', got {threshold!r}")
         self.beta = float(beta)
         self.activation_pruning = activation_pruning
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold)
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
         return powerpropify(net, self.beta)

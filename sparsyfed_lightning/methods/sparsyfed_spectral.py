@@ -14,6 +14,7 @@ from sparsyfed_lightning.client.callbacks import (
     SpectralExponentCallback,
 )
 from sparsyfed_lightning.methods.base import Method
+from sparsyfed_lightning.methods.sparsyfed import check_threshold
 from sparsyfed_lightning.sparse import powerpropify, update_spectral_exponents
 
 
@@ -44,7 +45,7 @@ class SparsyFedSpectral(Method):
     ) -> None:
         super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
         self.activation_pruning = activation_pruning
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold)
         self.seed = seed
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
@@ -64,4 +65,9 @@ class SparsyFedSpectral(Method):
         update_spectral_exponents(net, self.seed)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "activation_pruning": self.activation_pruning, "seed": self.seed}
+        return {
+            **super().describe(),
+            "activation_pruning": self.activation_pruning,
+            "threshold": self.threshold,
+            "seed": self.seed,
+        }

@@ -228,7 +228,7 @@ class ActivationPruning:
             return self
         for name, module in self.layers.items():
             state = self._states[name]
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(module, state)))
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, state)))
             self._handles.append(module.register_forward_hook(self._post_hook(state), always_call=True))
         if self.compact_relu:
             self._swap_relus()
@@ -289,9 +289,7 @@ class ActivationPruning:
             for n, c in zip(names, counts_host, strict=True)
         }
 
-    def _pre_hook(self, module: nn.Module, state: _LayerState) -> Callable[..., None]:
-        name = next(n for n, m in self.layers.items() if m is module)
-
+    def _pre_hook(self, name: str, state: _LayerState) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if not (mod.training and torch.is_grad_enabled()):
                 return

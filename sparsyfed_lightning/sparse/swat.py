@@ -31,6 +31,7 @@ class WeightTopK:
         threshold: Literal["first_batch", "per_step"] = "first_batch",
         layer_names: Iterable[str] | None = None,
     ) -> None:
+        self.model = model
         self.keep_fraction = 1.0 - check_sparsity(sparsity)
         if threshold not in ("first_batch", "per_step"):
             raise ValueError(f"threshold must be 'first_batch' or 'per_step', got {threshold!r}")

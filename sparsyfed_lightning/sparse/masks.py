@@ -1,4 +1,6 @@
-"""Round metrics as pure functions on tensor dicts (SPEC 9): density, regrowth, mask IoU, density gain.
+"""Mask metrics as pure functions on tensor dicts (SPEC 9): density, regrowth, mask IoU, density gain.
+
+Shared by the client (regrowth against the received model) and the server (round metrics).
 
 The caller picks the tensors (all parameters, conv/linear weights only, the whole state dict); the
 functions pool over whatever they are given. Decisions:
@@ -22,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from sparsyfed_lightning.sparse import pack_bits, unpack_bits
+from sparsyfed_lightning.sparse.activations import pack_bits, unpack_bits
 
 PackedMask = tuple[torch.Tensor, tuple[int, ...]]
 """A bit-packed boolean mask: `(uint8 bits, original shape)`."""
