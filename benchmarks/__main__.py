@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     rows += [
         ["round_overhead", "dense round / plain PyTorch", f"{rounds['dense']:.2f}x", "<= 1.15x"],
         ["round_overhead", "SparsyFed round / plain PyTorch", f"{rounds['sparsyfed']:.2f}x", "<= 1.15x"],
+        ["round_overhead", "dense round, stacked clients / plain", f"{rounds['dense, stacked']:.2f}x", "<= 1.15x"],
+        ["round_overhead", "SparsyFed round, stacked clients / plain", f"{rounds['sparsyfed, stacked']:.2f}x",
+         "<= 1.15x"],
         ["threshold_select", "topk selection, all layers / dense step",
          f"{thresholds['magnitude_threshold (topk)']:.2f}x", "-"],
     ]

@@ -5,7 +5,8 @@ epoch, a fresh optimizer per client, the global state loaded before each client)
 client models; the product additionally encodes/decodes every message and computes its round
 metrics, i.e. everything a real round does except the central evaluation. Rounds are interleaved
 and the fastest of `--repeats` rounds is reported (interference on these shared machines only adds
-time), as a ratio to the plain loop of the same run.
+time), as a ratio to the plain loop of the same run. Each method is timed twice: every client fitted
+alone (the default), and all clients fitted as one stacked network (`trainer.stack_clients=10`).
 
     python -m benchmarks.round_overhead                  # small CNN, 10 clients x 100 steps x batch 16, CPU
     python -m benchmarks.round_overhead --device cuda    # resnet18_cifar, 10 clients x 500 samples x batch 32
@@ -65,11 +66,13 @@ def plain_round(net: nn.Module, data: SyntheticFederatedData, lr: float) -> None
     net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
 
 
-def product_round_times(method, data, backbone: str, kwargs: dict, device: torch.device, rounds: int):
+def product_round_times(method, data, backbone: str, kwargs: dict, device: torch.device, rounds: int,
+                        stack_clients: int = 1):
     """Per-round seconds (training + aggregation, no evaluation) of `rounds` rounds of the product."""
     model = ClientModule(backbone, 10, lr=0.05, backbone_kwargs=kwargs)
     trainer = FederatedTrainer(method=method, rounds=rounds, clients_per_round=data.num_clients,
-                               eval_every=10**6, progress="none", accelerator=device.type, devices=1)
+                               eval_every=10**6, progress="none", accelerator=device.type, devices=1,
+                               stack_clients=stack_clients)
     trainer.fit(model, datamodule=data)
     return [m["time_train_s"] + m["time_aggregate_s"] for m in trainer.history[1:]]
 
@@ -86,7 +89,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = SyntheticFederatedData(10, samples, shape, batch, device)
     plain_net = ClientModule(backbone, 10, backbone_kwargs=kwargs).net.to(device)
 
-    plain, dense, sparse = [], [], []
+    # (method, trainer.stack_clients): each client alone, and all 10 as one stacked network.
+    variants = {"dense": (Dense, 1), "sparsyfed": (SparsyFed, 1),
+                "dense, stacked": (Dense, 10), "sparsyfed, stacked": (SparsyFed, 10)}
+    plain: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in variants}
     plain_round(plain_net, data, 0.05)  # warm-up
     for _ in range(args.repeats):
         synchronize(device)
@@ -96,10 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         plain.append(time.perf_counter() - start)
         # First round of a fresh run includes one-off set-up; SparsyFed's round 1 is dense (SPEC 9),
         # so time its round 2 onward.
-        dense.append(min(product_round_times(Dense(), data, backbone, kwargs, device, 3)[1:]))
-        sparse.append(min(product_round_times(SparsyFed(0.95), data, backbone, kwargs, device, 3)[1:]))
+        for name, (method, stack) in variants.items():
+            method_object = method(0.95) if method is SparsyFed else method()
+            times[name].append(min(product_round_times(method_object, data, backbone, kwargs, device, 3, stack)[1:]))
     base = min(plain)
-    results = {"dense": min(dense) / base, "sparsyfed": min(sparse) / base}
+    results = {name: min(values) / base for name, values in times.items()}
     rows = [["plain PyTorch", f"{base:.3f}", "1.00x"]]
     rows += [[name, f"{ratio * base:.3f}", f"{ratio:.2f}x"] for name, ratio in results.items()]
     print_table(f"round_overhead: {backbone}, 10 clients x {samples} samples x batch {batch}, {device} "

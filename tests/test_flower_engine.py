@@ -103,7 +103,8 @@ def _check_equivalence(cache, record_global_states):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = _run(FaultyDigits(cache, fail_cid=2, fail_round=3), "inprocess", rounds=3)
+        # Flower's ClientApps train one client each, so the reference does too (no stacking).
+        reference = _run(FaultyDigits(cache, fail_cid=2, fail_round=3), "inprocess", rounds=3, stack_clients=1)
     finally:
         torch.set_num_threads(threads)
     reference_states = list(record_global_states)

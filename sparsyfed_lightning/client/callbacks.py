@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from sparsyfed_lightning.models.stacked import client_slices
 from sparsyfed_lightning.sparse import (
     ActivationPruning,
     WeightTopK,
@@ -62,6 +63,7 @@ class ActivationPruningCallback(L.Callback):
                 keep_fraction=self.keep_fraction,
                 refresh_every_step=self.refresh_every_step,
                 layer_names=names,
+                clients=stacked_clients(pl_module),
             )
         self.pruning.attach()  # reads this fit's layer densities; thresholds start afresh
 
@@ -142,20 +144,40 @@ class SpectralExponentCallback(L.Callback):
 
 
 class RegrowthStats:
-    """Activated/deactivated counts of a client against the model it received (SPEC 9.2)."""
+    """Activated/deactivated counts of each client against the model it received (SPEC 9.2).
+
+    `stats[i]` holds the counts of stacked client `i` (`models.stacked`); `stats[0]` when not stacked.
+    """
 
     def __init__(self) -> None:
         self.reference: dict[str, torch.Tensor] = {}
-        self.stats: dict[str, int] = {}
+        self.stats: list[dict[str, int]] = [{}]
 
-    def snapshot(self, module: torch.nn.Module) -> None:
+    def snapshot(self, module: torch.nn.Module, clients: int = 1) -> None:
         self.reference = nonzero_masks(dict(module.named_parameters()))
-        self.stats = {}
+        self.stats = [{} for _ in range(clients)]
 
     def measure(self, module: torch.nn.Module, prefix: str) -> None:
-        activated, deactivated = regrowth_counts(self.reference, dict(module.named_parameters()))
-        self.stats[f"{prefix}_activated"] = activated
-        self.stats[f"{prefix}_deactivated"] = deactivated
+        params = dict(module.named_parameters())
+        clients = len(self.stats)
+        for i, stats in enumerate(self.stats):
+            activated, deactivated = regrowth_counts(
+                _client_part(self.reference, i, clients), _client_part(params, i, clients)
+            )
+            stats[f"{prefix}_activated"] = activated
+            stats[f"{prefix}_deactivated"] = deactivated
+
+
+def _client_part(tensors: dict[str, torch.Tensor], index: int, clients: int) -> dict[str, torch.Tensor]:
+    """Stacked client `index`'s part of every tensor (the tensors themselves when not stacked)."""
+    if clients == 1:
+        return tensors
+    return {key: client_slices(t, clients)[index] for key, t in tensors.items()}
+
+
+def stacked_clients(pl_module: L.LightningModule) -> int:
+    """How many clients the module's network stacks (1: an ordinary network)."""
+    return getattr(pl_module, "stacked_clients", 1)
 
 
 class EndOfFitPruning(L.Callback):
@@ -173,13 +195,15 @@ class EndOfFitPruning(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.regrowth.snapshot(pl_module.net)
+        self.regrowth.snapshot(pl_module.net, stacked_clients(pl_module))
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.regrowth.measure(pl_module.net, "after_training")
         if self.sparsity > 0:
-            global_magnitude_prune(
-                prunable_weights(pl_module.net).values(), self.sparsity, self.min_layer_density
-            )
+            weights = list(prunable_weights(pl_module.net).values())
+            clients = stacked_clients(pl_module)
+            # Each stacked client prunes its own model, exactly as it would alone.
+            for parts in zip(*(client_slices(w, clients) for w in weights), strict=True):
+                global_magnitude_prune(parts, self.sparsity, self.min_layer_density)
         self.regrowth.measure(pl_module.net, "after_pruning")

@@ -62,6 +62,9 @@ class ClientModule(L.LightningModule):
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._train_loss_sum: torch.Tensor | None = None
         self._train_batches = 0
+        # > 1 when `net` is a client-stacked network (`models.stacked`): training batches then hold
+        # that many clients' batches side by side and the loss is the sum of the clients' losses.
+        self.stacked_clients = 1
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,8 @@ class ClientModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self.net(x)
+        if stage == "train" and self.stacked_clients > 1:
+            return self._stacked_train_loss(logits, y)
         loss = nn.functional.cross_entropy(logits, y)
         if stage == "train":
             detached = loss.detach()
@@ -81,6 +86,16 @@ class ClientModule(L.LightningModule):
             self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0])
             self.log(f"{stage}_accuracy", accuracy, on_step=False, on_epoch=True)
         return loss
+
+    def _stacked_train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum of the stacked clients' mean losses: logits (B, k * C), labels (B, k)."""
+        batch, copies = y.shape
+        losses = nn.functional.cross_entropy(logits.reshape(batch * copies, -1), y.reshape(-1), reduction="none")
+        per_client = losses.view(batch, copies).mean(0)
+        detached = per_client.detach()
+        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
+        self._train_batches += 1
+        return per_client.sum()
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -101,9 +116,13 @@ class ClientModule(L.LightningModule):
 
     def mean_train_loss(self) -> float:
         """Mean training loss over the batches of the last epoch (one host sync)."""
+        return self.mean_train_losses()[0]
+
+    def mean_train_losses(self) -> list[float]:
+        """Each stacked client's mean training loss over the last epoch (one entry when not stacked)."""
         if self._train_loss_sum is None or self._train_batches == 0:
-            return float("nan")
-        return float(self._train_loss_sum) / self._train_batches
+            return [float("nan")] * self.stacked_clients
+        return [value / self._train_batches for value in self._train_loss_sum.reshape(-1).tolist()]
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -97,3 +97,39 @@ class TensorBatchLoader:
             if self.transform is not None:
                 x = self.transform(x)
             yield x, y
+
+
+def batch_layout(loader: object) -> tuple[int, ...] | None:
+    """The sizes of the batches one epoch of `loader` yields, or None when they are not known upfront.
+
+    Clients whose loaders have the same layout can be trained as one stacked network.
+    """
+    if not isinstance(loader, TensorBatchLoader):
+        return None
+    sizes = [loader.batch_size] * len(loader)
+    if sizes and loader.num_samples % loader.batch_size and len(loader) * loader.batch_size > loader.num_samples:
+        sizes[-1] = loader.num_samples % loader.batch_size
+    return tuple(sizes)
+
+
+class StackedBatchLoader:
+    """Batches of several clients side by side: inputs concatenated along dim 1, labels as (B, k).
+
+    This is the input a client-stacked network (`models.stacked`) takes; every client loader keeps
+    its own shuffling, so each client sees the batches it would see alone. The loaders must have the
+    same `batch_layout`.
+    """
+
+    def __init__(self, loaders: list[TensorBatchLoader]) -> None:
+        layouts = {batch_layout(loader) for loader in loaders}
+        if len(layouts) != 1 or None in layouts:
+            raise ValueError("stacked client loaders must be TensorBatchLoaders with the same batch sizes")
+        self.loaders = loaders
+        self.num_samples = sum(loader.num_samples for loader in loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batches in zip(*self.loaders, strict=True):
+            yield torch.cat([x for x, _ in batches], dim=1), torch.stack([y for _, y in batches], dim=1)

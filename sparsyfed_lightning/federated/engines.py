@@ -7,26 +7,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sparsyfed_lightning.data.loaders import batch_layout
 from sparsyfed_lightning.federated.client_runner import ClientResult, ClientRunner
 from sparsyfed_lightning.federated.codec import decode_state
 from sparsyfed_lightning.federated.sampling import client_seed
 
 
 class InProcessEngine:
-    """Fit the sampled clients sequentially in this process.
+    """Fit the sampled clients in this process, one after the other or several at once.
 
     Args:
         runner: the client runner (module + reused Trainer + method callbacks).
         datamodule: a `FederatedDataModule` (client loaders).
         seed: the run seed; each client's seed derives from (seed, round, client).
+        stack_clients: fit up to this many clients with the same batch sizes as one stacked network
+            (`ClientRunner.fit_stacked`); 1 fits every client alone.
     """
 
     name = "inprocess"
 
-    def __init__(self, runner: ClientRunner, datamodule: Any, seed: int) -> None:
+    def __init__(self, runner: ClientRunner, datamodule: Any, seed: int, stack_clients: int = 1) -> None:
         self.runner = runner
         self.datamodule = datamodule
         self.seed = seed
+        self.stack_clients = stack_clients
 
     def fit_round(
         self,
@@ -36,16 +40,56 @@ class InProcessEngine:
         lr: float,
         receive: Callable[[ClientResult], None],
     ) -> dict[int, str]:
-        """Fit every client, hand each result to `receive`; return {client: error} for failures."""
+        """Fit every client, hand each result to `receive`; return {client: error} for failures.
+
+        Results reach `receive` in `client_ids` order whatever the grouping, so the aggregate sums
+        in the same order either way.
+        """
         received = decode_state(downlink)  # every client receives the same bytes: decode once
         failures: dict[int, str] = {}
+        if self.stack_clients == 1:
+            for cid in client_ids:
+                seed = client_seed(self.seed, round_index, cid)
+                try:
+                    loader = self.datamodule.client_train_dataloader(cid, seed=seed)
+                    result = self.runner.fit(cid, received, loader, lr, seed)
+                except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
+                    failures[cid] = f"{type(error).__name__}: {error}"
+                    continue
+                receive(result)
+            return failures
+
+        loaders: dict[int, Any] = {}
         for cid in client_ids:
             seed = client_seed(self.seed, round_index, cid)
             try:
-                loader = self.datamodule.client_train_dataloader(cid, seed=seed)
-                result = self.runner.fit(cid, received, loader, lr, seed)
-            except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
+                loaders[cid] = self.datamodule.client_train_dataloader(cid, seed=seed)
+            except Exception as error:  # noqa: BLE001
                 failures[cid] = f"{type(error).__name__}: {error}"
+        results: dict[int, ClientResult] = {}
+        for group in self._groups(loaders):
+            seed = client_seed(self.seed, round_index, group[0])
+            try:
+                if len(group) == 1:
+                    fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seed)]
+                else:
+                    fitted = self.runner.fit_stacked(group, received, [loaders[c] for c in group], lr, seed)
+            except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
+                failures.update(dict.fromkeys(group, f"{type(error).__name__}: {error}"))
                 continue
-            receive(result)
+            results.update((result.cid, result) for result in fitted)
+        for cid in client_ids:
+            if cid in results:
+                receive(results[cid])
         return failures
+
+    def _groups(self, loaders: dict[int, Any]) -> list[list[int]]:
+        """Clients in groups of at most `stack_clients` with the same batch layout, in sampling order."""
+        by_layout: dict[object, list[int]] = {}
+        for cid, loader in loaders.items():
+            layout = batch_layout(loader)
+            by_layout.setdefault(cid if layout is None else layout, []).append(cid)
+        groups = []
+        for members in by_layout.values():
+            groups += [members[i : i + self.stack_clients] for i in range(0, len(members), self.stack_clients)]
+        return groups

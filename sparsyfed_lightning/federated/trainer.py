@@ -86,6 +86,13 @@ class FederatedTrainer(L.Trainer):
         optimizer_on_buffers: the server optimizer also steps BatchNorm buffers (faithful: True);
             False gives them the plain weighted average (safer with momentum/adaptive optimizers).
         engine: "inprocess" (default) or "flower" (docs/FLOWER.md).
+        stack_clients: train up to this many of a round's clients at once, as one network with
+            grouped convolutions, when their loaders yield the same batch sizes (the paper's LDA
+            partitions have equal sizes); 1 trains each client alone. The result is the same up to
+            floating-point rounding, and a round is faster wherever small steps are overhead-bound
+            (docs/PERFORMANCE.md). Clients train alone anyway for zerofl and sparsyfed_spectral, for
+            models with layers that cannot be stacked, with gradient clipping, and on the Flower
+            engine.
         flower: options of the Flower engine (client resources, routing, timeouts).
         progress: "auto" (a bar on a terminal, lines otherwise), "rich", "plain" or "none".
     """
@@ -111,6 +118,7 @@ class FederatedTrainer(L.Trainer):
         mask_snapshot_every: int = 0,
         optimizer_on_buffers: bool = True,
         engine: Literal["inprocess", "flower"] = "inprocess",
+        stack_clients: int = 10,
         flower: FlowerConfig | None = None,
         progress: ProgressMode = "auto",
         **kwargs: Any,
@@ -124,6 +132,7 @@ class FederatedTrainer(L.Trainer):
             ("iou_lag", iou_lag, 0),
             ("checkpoint_every", checkpoint_every, 0),
             ("mask_snapshot_every", mask_snapshot_every, 0),
+            ("stack_clients", stack_clients, 1),
         ):
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"trainer.{name} must be an integer >= {minimum}, got {value!r}")
@@ -136,6 +145,7 @@ class FederatedTrainer(L.Trainer):
         if engine == "flower":
             require_flower()
         self.method = method if method is not None else SparsyFed()
+        self.stack_clients = stack_clients
         self.server_optimizer = server_optimizer if server_optimizer is not None else FedAvg()
         self.rounds = rounds
         self.clients_per_round = clients_per_round
@@ -301,7 +311,8 @@ class FederatedTrainer(L.Trainer):
             from sparsyfed_lightning.federated.engines_flower import FlowerEngine
 
             return FlowerEngine(self, datamodule)
-        return InProcessEngine(runner, datamodule, self.seed)
+        stack_clients = self.stack_clients if runner.can_stack() else 1
+        return InProcessEngine(runner, datamodule, self.seed, stack_clients)
 
     def _client_lr(self, round_index: int, model: ClientModule) -> float:
         total = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds

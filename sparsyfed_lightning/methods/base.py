@@ -36,6 +36,9 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
+    # Whether clients can be trained as one stacked network (`trainer.stack_clients`): every client
+    # callback must treat the stacked clients separately (see `client.callbacks.stacked_clients`).
+    supports_stacking: ClassVar[bool] = True
 
     def __init__(self, sparsity: float = 0.0, min_layer_density: float = 0.0) -> None:
         self.sparsity = check_sparsity(sparsity, "method.sparsity")
@@ -62,12 +65,12 @@ class Method:
             self._callbacks = self.build_callbacks()
         return self._callbacks
 
-    def client_stats(self) -> dict[str, float]:
-        """Per-client numbers of the last fit (weight regrowth counts, SPEC 9.2)."""
+    def client_stats(self, index: int = 0) -> dict[str, float]:
+        """Per-client numbers of the last fit (weight regrowth counts, SPEC 9.2) of stacked client `index`."""
         stats: dict[str, float] = {}
         for callback in self.client_callbacks():
             if isinstance(callback, EndOfFitPruning):
-                stats.update(callback.regrowth.stats)
+                stats.update(callback.regrowth.stats[index])
         return stats
 
     def on_round_start(self, round_index: int) -> None:

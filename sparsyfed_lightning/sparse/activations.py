@@ -36,7 +36,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.hooks import RemovableHandle
 
-from sparsyfed_lightning.sparse.layers import prunable_layers, stored_weight
+from sparsyfed_lightning.sparse.layers import is_linear, prunable_layers, stored_weight
 from sparsyfed_lightning.sparse.memory import record_compact
 from sparsyfed_lightning.sparse.powerprop import _SignedPower, signed_power
 from sparsyfed_lightning.sparse.pruning import magnitude_threshold
@@ -62,7 +62,7 @@ class CompactTensor:
 
     def __init__(self, x: torch.Tensor, threshold: torch.Tensor, expected_keep: float) -> None:
         flat = x.detach().reshape(-1)
-        keep = flat.abs() >= threshold
+        keep = keep_mask(x, threshold).reshape(-1)
         self.shape = x.shape
         self.dtype = x.dtype
         self.indices: torch.Tensor | None = None
@@ -85,6 +85,18 @@ class CompactTensor:
         else:
             dense.masked_scatter_(unpack_bits(self.bitmap, numel), self.values)  # type: ignore[arg-type]
         return dense.reshape(self.shape)
+
+
+def keep_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """`|x| >= threshold`, shaped like `x`.
+
+    A 0-d threshold applies to the whole tensor; one of shape (1, k, 1) gives each of `k` stacked
+    clients its own (their entries are the k consecutive chunks of dim 1, see `models.stacked`).
+    """
+    x = x.detach()
+    if threshold.dim() == 0:
+        return x.abs() >= threshold
+    return (x.reshape(x.shape[0], threshold.shape[1], -1).abs() >= threshold).reshape(x.shape)
 
 
 class _RecomputedWeight:
@@ -161,10 +173,11 @@ class CompactReLU(nn.ReLU):
 
 
 class _LayerState:
-    __slots__ = ("keep_fraction", "threshold", "freeze_threshold", "hooks", "kept", "total")
+    __slots__ = ("keep_fraction", "client_keep", "threshold", "freeze_threshold", "hooks", "kept", "total")
 
     def __init__(self, freeze_threshold: bool) -> None:
-        self.keep_fraction = 1.0
+        self.keep_fraction = 1.0  # the mean over stacked clients (picks the compact layout)
+        self.client_keep = [1.0]  # one per stacked client
         self.kept = 0  # entries kept in the last pruned input (host int: the shape is known)
         self.total = 0
         self.threshold: torch.Tensor | None = None
@@ -186,6 +199,9 @@ class ActivationPruning:
         compact_relu: swap ReLU modules for `CompactReLU` while attached.
         layer_names: restrict pruning to these layers (default: all conv/linear layers).
         min_compact_numel: inputs (and ReLU outputs) with fewer entries keep a dense pruned copy.
+        clients: the number of clients `model` stacks (`models.stacked`); each client's part of a
+            layer gets its own keep fraction (its weight density) and threshold, exactly as if it
+            were trained alone (`min_compact_numel` also counts per client).
     """
 
     def __init__(
@@ -198,16 +214,19 @@ class ActivationPruning:
         compact_relu: bool = True,
         layer_names: Iterable[str] | None = None,
         min_compact_numel: int = MIN_COMPACT_NUMEL,
+        clients: int = 1,
     ) -> None:
         if threshold not in ("first_batch", "per_step"):
             raise ValueError(f"threshold must be 'first_batch' or 'per_step', got {threshold!r}")
         if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
         self.model = model
+        self.clients = clients
         self.keep_fraction = keep_fraction
         self.refresh_every_step = refresh_every_step
         self.compact_relu = compact_relu
-        self.min_compact_numel = min_compact_numel
+        # Sizes are per client: a stacked network stores what each of its clients would alone.
+        self.min_compact_numel = min_compact_numel * clients
         wanted = None if layer_names is None else set(layer_names)
         self.layers: dict[str, nn.Module] = {
             name: m for name, m in prunable_layers(model) if wanted is None or name in wanted
@@ -215,7 +234,7 @@ class ActivationPruning:
         if wanted is not None and wanted - set(self.layers):
             raise ValueError(f"unknown layers for activation pruning: {sorted(wanted - set(self.layers))}")
         self._states = {
-            name: _LayerState(threshold == "first_batch" and not isinstance(m, nn.Linear))
+            name: _LayerState(threshold == "first_batch" and not is_linear(m))
             for name, m in self.layers.items()
         }
         self._handles: list[RemovableHandle] = []
@@ -255,9 +274,8 @@ class ActivationPruning:
 
         Call at the start of every local fit (one host sync for all layers together).
         """
-        fractions = self._current_keep_fractions(self.layers.keys())
-        for name, fraction in fractions.items():
-            self._states[name].keep_fraction = fraction
+        for name, fractions in self._current_keep_fractions(self.layers.keys()).items():
+            self._set_keep(self._states[name], fractions)
             self._states[name].threshold = None
 
     def keep_fractions(self) -> dict[str, float]:
@@ -276,30 +294,46 @@ class ActivationPruning:
         }
 
     # -- internals -------------------------------------------------------------------------------
-    def _current_keep_fractions(self, names: Iterable[str]) -> dict[str, float]:
+    def _current_keep_fractions(self, names: Iterable[str]) -> dict[str, list[float]]:
+        """Each layer's keep fraction per stacked client."""
         names = list(names)
         if self.keep_fraction is not None:
-            return dict.fromkeys(names, self.keep_fraction)
+            return {n: [self.keep_fraction] * self.clients for n in names}
         if not names:
             return {}
-        counts = torch.stack([torch.count_nonzero(stored_weight(self.layers[n])) for n in names])
+        counts = torch.stack(
+            [torch.count_nonzero(stored_weight(self.layers[n]).view(self.clients, -1), dim=1) for n in names]
+        )
         counts_host = counts.tolist()  # the single sync
         return {
-            n: max(c / stored_weight(self.layers[n]).numel(), MIN_KEEP_FRACTION)
-            for n, c in zip(names, counts_host, strict=True)
+            n: [max(c * self.clients / stored_weight(self.layers[n]).numel(), MIN_KEEP_FRACTION) for c in row]
+            for n, row in zip(names, counts_host, strict=True)
         }
+
+    @staticmethod
+    def _set_keep(state: _LayerState, fractions: list[float]) -> None:
+        state.client_keep = fractions
+        state.keep_fraction = sum(fractions) / len(fractions)
+
+    def _select_threshold(self, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
+        """A 0-d threshold, or one per stacked client shaped (1, k, 1) (see `keep_mask`)."""
+        if self.clients == 1:
+            return magnitude_threshold(x, state.keep_fraction)
+        parts = x.detach().reshape(x.shape[0], self.clients, -1)
+        thresholds = [magnitude_threshold(parts[:, i], keep) for i, keep in enumerate(state.client_keep)]
+        return torch.stack(thresholds).view(1, self.clients, 1)
 
     def _pre_hook(self, name: str, state: _LayerState) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if not (mod.training and torch.is_grad_enabled()):
                 return
             if self.refresh_every_step:
-                state.keep_fraction = self._current_keep_fractions([name])[name]
+                self._set_keep(state, self._current_keep_fractions([name])[name])
             if state.keep_fraction >= 1.0:
                 return  # a dense layer prunes nothing (round 1 of SparsyFed)
             x = args[0]
             if state.threshold is None or not state.freeze_threshold:
-                state.threshold = magnitude_threshold(x, state.keep_fraction)
+                state.threshold = self._select_threshold(x, state)
             state.hooks = saved_tensors_hooks(_make_pack(x, state, self.min_compact_numel), _unpack)
             state.hooks.__enter__()
 
@@ -329,7 +363,7 @@ def _make_pack(x: torch.Tensor, state: _LayerState, min_compact_numel: int) -> C
     def pack(t: torch.Tensor) -> object:
         if t.data_ptr() == input_ptr and t.numel() == input_numel:
             if input_numel < min_compact_numel:
-                pruned = t.detach().masked_fill(t.detach().abs() < threshold, 0)
+                pruned = t.detach().masked_fill(~keep_mask(t, threshold), 0)  # type: ignore[arg-type]
                 state.kept, state.total = -1, input_numel  # counting would cost a sync; see kept_fractions
                 return pruned
             compact = CompactTensor(t, threshold, state.keep_fraction)  # type: ignore[arg-type]

@@ -24,6 +24,14 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A fully connected layer: `nn.Linear`, or a layer marked `acts_as_linear` (`StackedLinear`).
+
+    The faithful activation threshold is frozen after the first batch for convolutions only.
+    """
+    return isinstance(module, nn.Linear) or getattr(module, "acts_as_linear", False)
+
+
 def stored_weight(module: nn.Module) -> nn.Parameter:
     """The trainable tensor of a layer: `v` under Powerprop, the plain weight otherwise."""
     if parametrize.is_parametrized(module, "weight"):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsyfed_lightning.sparse.layers import prunable_layers, stored_weight
+from sparsyfed_lightning.sparse.layers import is_linear, prunable_layers, stored_weight
 from sparsyfed_lightning.sparse.pruning import check_sparsity, magnitude_threshold
 
 
@@ -38,7 +38,7 @@ class WeightTopK:
         wanted = None if layer_names is None else set(layer_names)
         self.layers = {n: m for n, m in prunable_layers(model) if wanted is None or n in wanted}
         self._frozen = {
-            n: threshold == "first_batch" and not isinstance(m, nn.Linear) for n, m in self.layers.items()
+            n: threshold == "first_batch" and not is_linear(m) for n, m in self.layers.items()
         }
         self._thresholds: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []

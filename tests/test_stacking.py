@@ -1,0 +1,269 @@
+"""Client stacking: several clients trained as one grouped network give each client's own result."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsyfed_lightning.data.loaders import StackedBatchLoader, TensorBatchLoader, batch_layout
+from sparsyfed_lightning.models import build_model
+from sparsyfed_lightning.models.stacked import StackedLinear, stack_network, stack_states, unstack_state
+from sparsyfed_lightning.sparse import ActivationPruning, global_magnitude_prune, powerpropify, prunable_weights
+
+SHAPES = {
+    "small_cnn": ((1, 8, 8), {"width": 8}),
+    "logmel_cnn": ((1, 16, 16), {"width": 8}),
+    "resnet18_cifar": ((3, 8, 8), {}),
+    "resnet18_speech": ((1, 64), {}),
+}
+
+
+def _clients(name: str, copies: int) -> list[nn.Module]:
+    shape, kwargs = SHAPES[name]
+    return [build_model(name, 5, seed=seed, **kwargs) for seed in range(copies)]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("training", [False, True])
+def test_stacked_network_computes_every_client_separately(name, training):
+    copies = 2 if name.startswith("resnet") else 3
+    singles = _clients(name, copies)
+    stacked = stack_network(singles[0], copies)
+    stacked.load_state_dict(stack_states([s.state_dict() for s in singles], stacked.state_dict()))
+    inputs = [torch.randn(4, *SHAPES[name][0], generator=torch.Generator().manual_seed(10 + i)) for i in range(copies)]
+    for net in [*singles, stacked]:
+        net.train(training)
+    with torch.no_grad():
+        expected = torch.cat([net(x) for net, x in zip(singles, inputs, strict=True)], dim=1)
+        got = stacked(torch.cat(inputs, dim=1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if training:  # BatchNorm running statistics are per client too
+        states = unstack_state(stacked.state_dict(), copies, singles[0].state_dict())
+        for single, state in zip(singles, states, strict=True):
+            for key, value in single.state_dict().items():
+                torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_stack_and_unstack_round_trip_exactly():
+    singles = _clients("small_cnn", 3)
+    states = [s.state_dict() for s in singles]
+    stacked = stack_network(singles[0], 3)
+    back = unstack_state(stack_states(states, stacked.state_dict()), 3, states[0])
+    for original, restored in zip(states, back, strict=True):
+        assert original.keys() == restored.keys()
+        for key in original:
+            assert torch.equal(original[key], restored[key]), key
+    assert isinstance(stacked[-1], StackedLinear) and stacked[-1].weight.shape == (3 * 5, 16, 1)
+
+
+def test_unsupported_layers_are_refused_by_name():
+    with pytest.raises(ValueError, match="LayerNorm"):
+        stack_network(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 2)
+
+
+def test_batch_layout_and_stacked_loader():
+    x, y = torch.randn(20, 2, 3), torch.arange(20)
+    assert batch_layout(TensorBatchLoader(x, y, 8)) == (8, 8, 4)
+    assert batch_layout(TensorBatchLoader(x, y, 8, drop_last=True)) == (8, 8)
+    assert batch_layout(TensorBatchLoader(x[:17], y[:17], 8, skip_singleton=True)) == (8, 8)
+    assert batch_layout(TensorBatchLoader(x, y, 5)) == (5, 5, 5, 5)
+    assert batch_layout([(x, y)]) is None
+    loaders = [TensorBatchLoader(x, y + 100 * i, 8, shuffle=True, seed=i) for i in range(3)]
+    alone = [list(TensorBatchLoader(x, y + 100 * i, 8, shuffle=True, seed=i)) for i in range(3)]
+    stacked = list(StackedBatchLoader(loaders))
+    assert len(stacked) == 3
+    for step, (xs, ys) in enumerate(stacked):
+        assert ys.shape == (len(alone[0][step][1]), 3)
+        for i in range(3):
+            assert torch.equal(xs[:, 2 * i : 2 * i + 2], alone[i][step][0])
+            assert torch.equal(ys[:, i], alone[i][step][1])
+    with pytest.raises(ValueError, match="same batch sizes"):
+        StackedBatchLoader([TensorBatchLoader(x, y, 8), TensorBatchLoader(x[:18], y[:18], 8)])
+
+
+@pytest.mark.parametrize("threshold", ["first_batch", "per_step"])
+@pytest.mark.parametrize("min_compact_numel", [0, 10**9])
+def test_activation_pruning_gives_each_stacked_client_its_own_keep_fraction(threshold, min_compact_numel):
+    """The stacked weight gradient equals each client's gradient with its own pruned input."""
+    copies = 3
+    singles = [build_model("small_cnn", 5, seed=i, width=8) for i in range(copies)]
+    stacked = stack_network(singles[0], copies)
+    for i, net in enumerate(singles):  # different densities per client
+        global_magnitude_prune(prunable_weights(net).values(), [0.5, 0.8, 0.95][i])
+    stacked.load_state_dict(stack_states([s.state_dict() for s in singles], stacked.state_dict()))
+    for net in [*singles, stacked]:
+        powerpropify(net, 1.25, keep_effective_weights=False)
+    inputs = [torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(copies)]
+    labels = [torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(9 + i)) for i in range(copies)]
+    for net, clients in [*((s, 1) for s in singles), (stacked, copies)]:
+        net.train()
+        pruning = ActivationPruning(net, threshold=threshold, min_compact_numel=min_compact_numel, clients=clients)
+        pruning.attach()
+        if clients == 1:
+            x, y = inputs[singles.index(net)], labels[singles.index(net)]
+            nn.functional.cross_entropy(net(x), y).backward()
+        else:
+            logits = net(torch.cat(inputs, dim=1)).view(6, copies, 5)
+            sum(nn.functional.cross_entropy(logits[:, i], labels[i]) for i in range(copies)).backward()
+        if clients > 1:
+            keeps = [pruning._states[name].client_keep for name in pruning.layers]
+            assert all(len(set(k)) == copies for k in keeps[1:])  # really different per client
+        pruning.detach()
+    for key, grad in ((k, p.grad) for k, p in stacked.named_parameters()):
+        parts = grad.view(copies, -1)
+        for i, single in enumerate(singles):
+            expected = dict(single.named_parameters())[key].grad
+            torch.testing.assert_close(parts[i], expected.reshape(-1), rtol=1e-4, atol=1e-6, msg=key)
+
+
+class EqualSizeData:
+    """Synthetic clients with equal sample counts (the case stacking applies to), plus one odd client."""
+
+    num_classes = 4
+
+    def __init__(self, clients: int = 4, samples: int = 40, odd_samples: int | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.num_clients = clients
+        self.sizes = [samples] * clients
+        if odd_samples is not None:
+            self.sizes[-1] = odd_samples
+        self.inputs = [torch.randn(n, 1, 6, 6, generator=g) for n in self.sizes]
+        self.labels = [torch.randint(0, 4, (n,), generator=g) for n in self.sizes]
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def client_train_dataloader(self, cid: int, seed: int = 0) -> TensorBatchLoader:
+        return TensorBatchLoader(self.inputs[cid], self.labels[cid], 16, shuffle=True, seed=seed)
+
+    def test_dataloader(self) -> TensorBatchLoader:
+        return TensorBatchLoader(self.inputs[0], self.labels[0], 64)
+
+
+def _run(method, data, stack_clients, rounds=3, **kwargs):
+    from sparsyfed_lightning.client.module import ClientModule
+    from sparsyfed_lightning.federated.client_runner import decode_result
+    from sparsyfed_lightning.federated.server import FederatedServer
+    from sparsyfed_lightning.federated.trainer import FederatedTrainer
+
+    uplinks: list[tuple[int, dict[str, float], dict[str, torch.Tensor]]] = []
+    original = FederatedServer.receive
+
+    def receive(self, result):
+        uplinks.append((result.cid, result.metrics, decode_result(result)))
+        return original(self, result)
+
+    FederatedServer.receive = receive
+    try:
+        model = ClientModule("small_cnn", data.num_classes, lr=0.05, backbone_kwargs={"width": 8})
+        trainer = FederatedTrainer(method=method, rounds=rounds, clients_per_round=data.num_clients,
+                                   accelerator="cpu", progress="none", stack_clients=stack_clients, **kwargs)
+        trainer.fit(model, datamodule=data)
+    finally:
+        FederatedServer.receive = original
+    return trainer, uplinks
+
+
+def _methods():
+    from sparsyfed_lightning.methods import FLASH, Dense, SparsyFed, TopK
+
+    return {
+        "dense": lambda: Dense(),
+        "topk": lambda: TopK(0.9),
+        "flash": lambda: FLASH(0.9),
+        "sparsyfed": lambda: SparsyFed(0.9),
+        "sparsyfed_per_step": lambda: SparsyFed(0.9, threshold="per_step"),
+        "sparsyfed_beta_one": lambda: SparsyFed(0.9, beta=1.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_methods()))
+def test_stacked_round_matches_sequential_clients(name):
+    """Same uplinks (masks exactly, values to rounding) and metrics with and without stacking."""
+    data = EqualSizeData(odd_samples=33)  # three stack, the odd one trains alone
+    sequential, seq_uplinks = _run(_methods()[name](), data, 1)
+    stacked, stk_uplinks = _run(_methods()[name](), data, 3)
+    assert [cid for cid, _, _ in stk_uplinks] == [cid for cid, _, _ in seq_uplinks]
+    for (cid, seq_metrics, seq_state), (_, stk_metrics, stk_state) in zip(seq_uplinks, stk_uplinks, strict=True):
+        for key, value in seq_state.items():
+            torch.testing.assert_close(stk_state[key], value, rtol=1e-3, atol=1e-5, msg=f"client {cid} {key}")
+            if key in sequential.server.prunable_keys:
+                assert torch.equal(stk_state[key] != 0, value != 0), (cid, key)
+        assert stk_metrics.keys() == seq_metrics.keys()
+        for key, value in seq_metrics.items():
+            assert math.isclose(stk_metrics[key], value, rel_tol=1e-4), (cid, key)
+    for a, b in zip(sequential.history, stacked.history, strict=True):
+        assert a.get("uplink_bytes") == b.get("uplink_bytes")
+        assert math.isclose(a["test_loss"], b["test_loss"], rel_tol=1e-4)
+
+
+def test_clients_of_different_sizes_train_alone_bit_identically():
+    from sparsyfed_lightning.methods import SparsyFed
+
+    data = EqualSizeData()
+    data.sizes = [40, 41, 42, 43]
+    data.inputs = [x[:n] for x, n in zip(EqualSizeData(samples=43).inputs, data.sizes, strict=True)]
+    data.labels = [y[:n] for y, n in zip(EqualSizeData(samples=43).labels, data.sizes, strict=True)]
+    alone, alone_uplinks = _run(SparsyFed(0.9), data, 1, rounds=2)
+    stacked, stacked_uplinks = _run(SparsyFed(0.9), data, 4, rounds=2)
+    assert stacked.runner._stacked == {}  # no two clients share a batch layout
+    for (_, _, a), (_, _, b) in zip(alone_uplinks, stacked_uplinks, strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    for a, b in zip(alone.history, stacked.history, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("time")} == {
+            k: v for k, v in b.items() if not k.startswith("time")
+        }
+
+
+def test_methods_and_models_that_cannot_stack_train_clients_alone():
+    from sparsyfed_lightning.methods import Dense, ZeroFL
+
+    trainer, _ = _run(ZeroFL(0.9), EqualSizeData(), 4, rounds=1)
+    assert trainer.runner._stacked == {} and not trainer.runner.can_stack()
+    trainer, _ = _run(Dense(), EqualSizeData(), 4, rounds=1, gradient_clip_val=1.0)  # a norm over all clients
+    assert trainer.runner._stacked == {} and not trainer.runner.can_stack()
+    trainer, _ = _run(Dense(), EqualSizeData(), 4, rounds=1)
+    assert set(trainer.runner._stacked) == {4}
+
+
+def test_a_model_with_layers_that_cannot_stack_trains_clients_alone(monkeypatch):
+    from sparsyfed_lightning.methods import Dense
+    from sparsyfed_lightning.models import MODELS
+
+    def normed(num_classes: int, width: int = 8) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, width, 3), nn.GroupNorm(2, width), nn.Flatten(), nn.Linear(16 * width, num_classes)
+        )
+
+    monkeypatch.setitem(MODELS, "small_cnn", normed)
+    trainer, uplinks = _run(Dense(), EqualSizeData(), 4, rounds=1)
+    assert not trainer.runner.can_stack() and trainer.runner._stacked == {}
+    assert "GroupNorm" in trainer.runner._stacking_refused
+    assert len(uplinks) == 4
+
+
+def test_a_failed_stacked_fit_fails_each_of_its_clients(monkeypatch):
+    from sparsyfed_lightning.federated.client_runner import ClientRunner
+    from sparsyfed_lightning.methods import Dense
+
+    def broken(self, cids, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ClientRunner, "fit_stacked", broken)
+    data = EqualSizeData(odd_samples=33)
+    trainer, uplinks = _run(Dense(), data, 3, rounds=1, accept_failures=True)
+    assert [cid for cid, _, _ in uplinks] == [3]  # only the client that trained alone arrived
+    assert sorted(trainer.history[-1]["failures"]) == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="failed .RuntimeError: out of memory"):
+        _run(Dense(), data, 3, rounds=1)
+
+
+def test_stack_clients_must_be_positive():
+    from sparsyfed_lightning.federated.trainer import FederatedTrainer
+
+    with pytest.raises(ValueError, match="trainer.stack_clients must be an integer >= 1, got 0") as error:
+        FederatedTrainer(progress="none", stack_clients=0)
+    assert "\n" not in str(error.value)
