@@ -54,12 +54,15 @@ def make_method(name: str, sparsity: float) -> Method:
     return build_method(name) if name == "dense" else build_method(name, sparsity=sparsity)
 
 
-def run_once(method: str, sparsity: float, data: FederatedDataModule, seed: int, rounds: int) -> dict[str, Any]:
+def run_once(
+    method: str, sparsity: float, data: FederatedDataModule, seed: int, rounds: int, stack_clients: int = 10
+) -> dict[str, Any]:
     """One federated run; returns its summary numbers."""
     model = ClientModule("small_cnn", data.num_classes, lr=0.1, backbone_kwargs={"width": 32}, init_seed=seed)
     trainer = FederatedTrainer(
         method=make_method(method, sparsity), rounds=rounds, clients_per_round=data.num_clients,
         lr_final=0.01, eval_every=rounds, seed=seed, accelerator="cpu", devices=1, progress="none",
+        stack_clients=stack_clients,
     )
     trainer.fit(model, datamodule=data)
     history = trainer.history
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                         help=f"from {', '.join([*SPARSE_METHODS, *VARIANTS])}")
     parser.add_argument("--out", default="benchmarks/out/fidelity")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--stack-clients", type=int, default=10,
+                        help="trainer.stack_clients (1: every client alone, as docs/RESULTS.md was measured)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         for method, sparsity in jobs:
             key = f"{method}|{sparsity}|{alpha}"
             for seed in args.seeds:
-                results.setdefault(key, []).append(run_once(method, sparsity, data, seed, args.rounds))
+                summary = run_once(method, sparsity, data, seed, args.rounds, args.stack_clients)
+                results.setdefault(key, []).append(summary)
                 done += 1
                 elapsed = time.perf_counter() - started
                 print(f"[{done}/{total}] {key} seed {seed}: accuracy {results[key][-1]['accuracy']:.4f} "

@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = SyntheticFederatedData(10, samples, shape, batch, device)
     plain_net = ClientModule(backbone, 10, backbone_kwargs=kwargs).net.to(device)
 
-    # (method, trainer.stack_clients): each client alone, and all 10 as one stacked network.
-    variants = {"dense": (Dense, 1), "sparsyfed": (SparsyFed, 1),
-                "dense, stacked": (Dense, 10), "sparsyfed, stacked": (SparsyFed, 10)}
+    # (method, trainer.stack_clients): all 10 clients as one stacked network (the default), and
+    # each client alone (unequal partitions, ZeroFL, the spectral variant, Flower ClientApps).
+    variants = {"dense (stacked)": (Dense, 10), "sparsyfed (stacked)": (SparsyFed, 10),
+                "dense (alone)": (Dense, 1), "sparsyfed (alone)": (SparsyFed, 1)}
     plain: list[float] = []
     times: dict[str, list[float]] = {name: [] for name in variants}
     plain_round(plain_net, data, 0.05)  # warm-up

@@ -75,7 +75,10 @@ class InProcessEngine:
                 else:
                     fitted = self.runner.fit_stacked(group, received, [loaders[c] for c in group], lr, seed)
             except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
-                failures.update(dict.fromkeys(group, f"{type(error).__name__}: {error}"))
+                message = f"{type(error).__name__}: {error}"
+                if len(group) > 1:  # e.g. out of memory: say how to train them one at a time
+                    message += f" (in a fit of {len(group)} stacked clients; trainer.stack_clients=1 fits them alone)"
+                failures.update(dict.fromkeys(group, message))
                 continue
             results.update((result.cid, result) for result in fitted)
         for cid in client_ids:

@@ -70,7 +70,7 @@ class CompactTensor:
         if expected_keep < 1 / 32:
             index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
             self.indices = torch.nonzero(keep).reshape(-1).to(index_dtype)
-            self.values = flat[self.indices]
+            self.values = flat.index_select(0, self.indices)
             record_compact((self.indices, self.values))
         else:
             self.bitmap = pack_bits(keep)

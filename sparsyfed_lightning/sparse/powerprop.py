@@ -61,13 +61,15 @@ class _SignedPower(torch.autograd.Function):
         if support is None:
             ctx.save_for_backward(v)
             return v * abs_pow(v, exponent - 1.0)
-        values = v.reshape(-1)[support]
+        # index_select and scatter_ rather than v[support] / out[support] = ...: the same values,
+        # about 4x faster on CPU (advanced indexing takes a slower general path).
+        values = v.reshape(-1).index_select(0, support)
         scale = abs_pow(values, exponent - 1.0)
         # The support is a few percent of the layer: keep exponent * |v|^(exponent - 1) on it for
         # the backward instead of recomputing it (a handful of kernels per layer per step).
         ctx.save_for_backward(v, scale.mul(exponent))
         out = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
-        out[support] = values * scale
+        out.scatter_(0, support, values * scale)
         return out.reshape(v.shape)
 
     @staticmethod
@@ -78,7 +80,7 @@ class _SignedPower(torch.autograd.Function):
             return grad * abs_pow(v, exponent - 1.0).mul_(exponent), None, None
         v, derivative = ctx.saved_tensors
         out = torch.zeros(v.numel(), dtype=grad.dtype, device=grad.device)
-        out[support] = grad.reshape(-1)[support] * derivative
+        out.scatter_(0, support, grad.reshape(-1).index_select(0, support) * derivative)
         return out.reshape(v.shape), None, None
 
 
