@@ -84,6 +84,27 @@ def test_batch_layout_and_stacked_loader():
         StackedBatchLoader([TensorBatchLoader(x, y, 8), TensorBatchLoader(x[:18], y[:18], 8)])
 
 
+def test_stacked_loader_gives_each_client_the_random_transforms_it_draws_alone():
+    def jitter(batch: torch.Tensor) -> torch.Tensor:  # draws from torch's global generator
+        return batch + torch.rand(batch.shape)
+
+    x, y = torch.randn(20, 2, 3), torch.arange(20)
+    seeds = [11, 12, 13]
+    alone = []
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)  # what seed_everything does before a client trains alone
+        alone.append(list(TensorBatchLoader(x, y, 8, shuffle=True, seed=i, transform=jitter)))
+    torch.manual_seed(0)
+    loaders = [TensorBatchLoader(x, y, 8, shuffle=True, seed=i, transform=jitter) for i in range(3)]
+    before = torch.get_rng_state()
+    for step, (xs, _) in enumerate(StackedBatchLoader(loaders, seeds)):
+        for i in range(3):
+            assert torch.equal(xs[:, 2 * i : 2 * i + 2], alone[i][step][0])
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was
+    with pytest.raises(ValueError, match="got 2 seeds for 3"):
+        StackedBatchLoader(loaders, seeds[:2])
+
+
 @pytest.mark.parametrize("threshold", ["first_batch", "per_step"])
 @pytest.mark.parametrize("min_compact_numel", [0, 10**9])
 def test_activation_pruning_gives_each_stacked_client_its_own_keep_fraction(threshold, min_compact_numel):
@@ -132,12 +153,15 @@ class EqualSizeData:
             self.sizes[-1] = odd_samples
         self.inputs = [torch.randn(n, 1, 6, 6, generator=g) for n in self.sizes]
         self.labels = [torch.randint(0, 4, (n,), generator=g) for n in self.sizes]
+        self.transform = None
 
     def setup(self, stage: str | None = None) -> None:
         pass
 
     def client_train_dataloader(self, cid: int, seed: int = 0) -> TensorBatchLoader:
-        return TensorBatchLoader(self.inputs[cid], self.labels[cid], 16, shuffle=True, seed=seed)
+        return TensorBatchLoader(
+            self.inputs[cid], self.labels[cid], 16, shuffle=True, seed=seed, transform=self.transform
+        )
 
     def test_dataloader(self) -> TensorBatchLoader:
         return TensorBatchLoader(self.inputs[0], self.labels[0], 64)
@@ -198,6 +222,20 @@ def test_stacked_round_matches_sequential_clients(name):
     for a, b in zip(sequential.history, stacked.history, strict=True):
         assert a.get("uplink_bytes") == b.get("uplink_bytes")
         assert math.isclose(a["test_loss"], b["test_loss"], rel_tol=1e-4)
+
+
+def test_augmented_clients_stacked_see_the_augmentations_they_see_alone():
+    """Random crops and flips draw from the global generator; stacking must not change the draws."""
+    from sparsyfed_lightning.data.transforms import RandomCropFlip
+    from sparsyfed_lightning.methods import Dense
+
+    data = EqualSizeData()
+    data.transform = RandomCropFlip(6, 6)
+    _, alone = _run(Dense(), data, 1, rounds=2)
+    _, stacked = _run(Dense(), data, 4, rounds=2)
+    for (_, _, a), (_, _, b) in zip(alone, stacked, strict=True):
+        for key, value in a.items():
+            torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_clients_of_different_sizes_train_alone_bit_identically():

@@ -115,21 +115,42 @@ def batch_layout(loader: object) -> tuple[int, ...] | None:
 class StackedBatchLoader:
     """Batches of several clients side by side: inputs concatenated along dim 1, labels as (B, k).
 
-    This is the input a client-stacked network (`models.stacked`) takes; every client loader keeps
-    its own shuffling, so each client sees the batches it would see alone. The loaders must have the
-    same `batch_layout`.
+    This is the input a client-stacked network (`models.stacked`) takes. Every client loader keeps
+    its own shuffling, and with `seeds` every client's transform (random crops and flips draw from
+    torch's global generator) draws from its own generator state, started from its seed as
+    `seed_everything(seed)` starts it for a client trained alone: each client sees exactly the
+    batches it would see alone. The loaders must have the same `batch_layout`.
     """
 
-    def __init__(self, loaders: list[TensorBatchLoader]) -> None:
+    def __init__(self, loaders: list[TensorBatchLoader], seeds: list[int] | None = None) -> None:
         layouts = {batch_layout(loader) for loader in loaders}
         if len(layouts) != 1 or None in layouts:
             raise ValueError("stacked client loaders must be TensorBatchLoaders with the same batch sizes")
+        if seeds is not None and len(seeds) != len(loaders):
+            raise ValueError(f"got {len(seeds)} seeds for {len(loaders)} stacked client loaders")
         self.loaders = loaders
+        self.seeds = seeds
         self.num_samples = sum(loader.num_samples for loader in loaders)
 
     def __len__(self) -> int:
         return len(self.loaders[0])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batches in zip(*self.loaders, strict=True):
+        iterators = [iter(loader) for loader in self.loaders]
+        states = None
+        if self.seeds is not None and any(loader.transform is not None for loader in self.loaders):
+            states = [torch.Generator().manual_seed(seed).get_state() for seed in self.seeds]
+        for _ in range(len(self)):
+            batches = []
+            for index, iterator in enumerate(iterators):
+                if states is None:
+                    batches.append(next(iterator))
+                    continue
+                outer = torch.get_rng_state()
+                torch.set_rng_state(states[index])
+                try:
+                    batches.append(next(iterator))
+                finally:
+                    states[index] = torch.get_rng_state()
+                    torch.set_rng_state(outer)
             yield torch.cat([x for x, _ in batches], dim=1), torch.stack([y for _, y in batches], dim=1)

@@ -119,21 +119,22 @@ class ClientRunner:
         return ClientResult(cid, loader.num_samples, payload, stats, metrics)
 
     def fit_stacked(
-        self, cids: list[int], global_state: dict[str, torch.Tensor], loaders: list[Any], lr: float, seed: int
+        self, cids: list[int], global_state: dict[str, torch.Tensor], loaders: list[Any], lr: float, seeds: list[int]
     ) -> list[ClientResult]:
         """Train clients `cids` together as one stacked network; their loaders must share a batch layout.
 
-        `seed` seeds the global RNGs (the models here draw nothing from them while training); each
-        loader keeps its own shuffling seed.
+        `seeds[i]` is client i's seed, as `fit` takes it: its loader's shuffling and its transform's
+        random draws follow it (`StackedBatchLoader`). The global RNGs are seeded with the first;
+        models that draw from them while training (dropout) therefore draw differently than alone.
         """
         if not self.method.supports_stacking:
             raise ValueError(f"method {self.method.name!r} cannot train stacked clients")
         module, trainer = self._stacked_module(len(cids))
         module.net.load_state_dict(stack_states([global_state] * len(cids), module.net.state_dict()))
         module.lr = lr
-        L.seed_everything(seed, verbose=False)
+        L.seed_everything(seeds[0], verbose=False)
         trainer.fit_loop.max_epochs = trainer.current_epoch + self.local_epochs
-        trainer.fit(module, train_dataloaders=StackedBatchLoader(loaders))
+        trainer.fit(module, train_dataloaders=StackedBatchLoader(loaders, seeds))
         states = unstack_state(state_on_cpu(module.net), len(cids), global_state)
         losses = module.mean_train_losses()
         results = []

@@ -68,12 +68,12 @@ class InProcessEngine:
                 failures[cid] = f"{type(error).__name__}: {error}"
         results: dict[int, ClientResult] = {}
         for group in self._groups(loaders):
-            seed = client_seed(self.seed, round_index, group[0])
+            seeds = [client_seed(self.seed, round_index, cid) for cid in group]
             try:
                 if len(group) == 1:
-                    fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seed)]
+                    fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seeds[0])]
                 else:
-                    fitted = self.runner.fit_stacked(group, received, [loaders[c] for c in group], lr, seed)
+                    fitted = self.runner.fit_stacked(group, received, [loaders[c] for c in group], lr, seeds)
             except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
                 message = f"{type(error).__name__}: {error}"
                 if len(group) > 1:  # e.g. out of memory: say how to train them one at a time

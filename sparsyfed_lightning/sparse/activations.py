@@ -363,7 +363,7 @@ def _make_pack(x: torch.Tensor, state: _LayerState, min_compact_numel: int) -> C
     def pack(t: torch.Tensor) -> object:
         if t.data_ptr() == input_ptr and t.numel() == input_numel:
             if input_numel < min_compact_numel:
-                pruned = t.detach().masked_fill(~keep_mask(t, threshold), 0)  # type: ignore[arg-type]
+                pruned = torch.where(keep_mask(t, threshold), t.detach(), 0)  # type: ignore[arg-type]
                 state.kept, state.total = -1, input_numel  # counting would cost a sync; see kept_fractions
                 return pruned
             compact = CompactTensor(t, threshold, state.keep_fraction)  # type: ignore[arg-type]
