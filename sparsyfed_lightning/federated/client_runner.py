@@ -109,14 +109,23 @@ class ClientRunner:
     ) -> ClientResult:
         """Train client `cid` from `global_state`; return its encoded model (the uplink message)."""
         self.load(global_state)
-        self.module.lr = lr
+        self._fit_epochs(self.module, self.trainer, loader, lr, seed)
+        return self._result(cid, 0, state_on_cpu(self.module.net), loader.num_samples, self.module.mean_train_loss())
+
+    def _fit_epochs(self, module: ClientModule, trainer: L.Trainer, loader: Any, lr: float, seed: int) -> None:
+        """Run `local_epochs` more epochs of `module` on its reused `trainer`, from a seeded start."""
+        module.lr = lr
         L.seed_everything(seed, verbose=False)
-        self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + self.local_epochs
-        self.trainer.fit(self.module, train_dataloaders=loader)
-        state = state_on_cpu(self.module.net)
+        trainer.fit_loop.max_epochs = trainer.current_epoch + self.local_epochs
+        trainer.fit(module, train_dataloaders=loader)
+
+    def _result(
+        self, cid: int, index: int, state: dict[str, torch.Tensor], num_samples: int, train_loss: float
+    ) -> ClientResult:
+        """The uplink message of a trained client (`index`: its place in a stacked fit, else 0)."""
         payload, stats = encode_state_with_stats(state)
-        metrics = {"train_loss": self.module.mean_train_loss(), **self.method.client_stats()}
-        return ClientResult(cid, loader.num_samples, payload, stats, metrics)
+        metrics = {"train_loss": train_loss, **self.method.client_stats(index)}
+        return ClientResult(cid, num_samples, payload, stats, metrics)
 
     def fit_stacked(
         self, cids: list[int], global_state: dict[str, torch.Tensor], loaders: list[Any], lr: float, seeds: list[int]
@@ -131,18 +140,13 @@ class ClientRunner:
             raise ValueError(f"method {self.method.name!r} cannot train stacked clients")
         module, trainer = self._stacked_module(len(cids))
         module.net.load_state_dict(stack_states([global_state] * len(cids), module.net.state_dict()))
-        module.lr = lr
-        L.seed_everything(seeds[0], verbose=False)
-        trainer.fit_loop.max_epochs = trainer.current_epoch + self.local_epochs
-        trainer.fit(module, train_dataloaders=StackedBatchLoader(loaders, seeds))
+        self._fit_epochs(module, trainer, StackedBatchLoader(loaders, seeds), lr, seeds[0])
         states = unstack_state(state_on_cpu(module.net), len(cids), global_state)
         losses = module.mean_train_losses()
-        results = []
-        for index, (cid, state, loader) in enumerate(zip(cids, states, loaders, strict=True)):
-            payload, stats = encode_state_with_stats(state)
-            metrics = {"train_loss": losses[index], **self.method.client_stats(index)}
-            results.append(ClientResult(cid, loader.num_samples, payload, stats, metrics))
-        return results
+        return [
+            self._result(cid, index, state, loader.num_samples, losses[index])
+            for index, (cid, state, loader) in enumerate(zip(cids, states, loaders, strict=True))
+        ]
 
     def can_stack(self) -> bool:
         """Whether `fit_stacked` is available: the method supports it and the model's layers stack.

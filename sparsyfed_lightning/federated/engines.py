@@ -42,52 +42,46 @@ class InProcessEngine:
     ) -> dict[int, str]:
         """Fit every client, hand each result to `receive`; return {client: error} for failures.
 
-        Results reach `receive` in `client_ids` order whatever the grouping, so the aggregate sums
-        in the same order either way.
+        Results reach `receive` in `client_ids` order whatever the grouping (so the aggregate sums in
+        the same order either way), each as soon as every client before it is done.
         """
         received = decode_state(downlink)  # every client receives the same bytes: decode once
         failures: dict[int, str] = {}
-        if self.stack_clients == 1:
-            for cid in client_ids:
-                seed = client_seed(self.seed, round_index, cid)
-                try:
-                    loader = self.datamodule.client_train_dataloader(cid, seed=seed)
-                    result = self.runner.fit(cid, received, loader, lr, seed)
-                except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
-                    failures[cid] = f"{type(error).__name__}: {error}"
-                    continue
-                receive(result)
-            return failures
-
+        seeds = {cid: client_seed(self.seed, round_index, cid) for cid in client_ids}
         loaders: dict[int, Any] = {}
         for cid in client_ids:
-            seed = client_seed(self.seed, round_index, cid)
             try:
-                loaders[cid] = self.datamodule.client_train_dataloader(cid, seed=seed)
-            except Exception as error:  # noqa: BLE001
+                loaders[cid] = self.datamodule.client_train_dataloader(cid, seed=seeds[cid])
+            except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
                 failures[cid] = f"{type(error).__name__}: {error}"
-        results: dict[int, ClientResult] = {}
+        pending: dict[int, ClientResult] = {}
+        next_index = 0
         for group in self._groups(loaders):
-            seeds = [client_seed(self.seed, round_index, cid) for cid in group]
             try:
                 if len(group) == 1:
-                    fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seeds[0])]
+                    fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seeds[group[0]])]
                 else:
-                    fitted = self.runner.fit_stacked(group, received, [loaders[c] for c in group], lr, seeds)
+                    group_loaders, group_seeds = [loaders[c] for c in group], [seeds[c] for c in group]
+                    fitted = self.runner.fit_stacked(group, received, group_loaders, lr, group_seeds)
             except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
                 message = f"{type(error).__name__}: {error}"
                 if len(group) > 1:  # e.g. out of memory: say how to train them one at a time
                     message += f" (in a fit of {len(group)} stacked clients; trainer.stack_clients=1 fits them alone)"
                 failures.update(dict.fromkeys(group, message))
-                continue
-            results.update((result.cid, result) for result in fitted)
-        for cid in client_ids:
-            if cid in results:
-                receive(results[cid])
+            else:
+                pending.update((result.cid, result) for result in fitted)
+            while next_index < len(client_ids) and (
+                client_ids[next_index] in pending or client_ids[next_index] in failures
+            ):
+                if client_ids[next_index] in pending:
+                    receive(pending.pop(client_ids[next_index]))
+                next_index += 1
         return failures
 
     def _groups(self, loaders: dict[int, Any]) -> list[list[int]]:
         """Clients in groups of at most `stack_clients` with the same batch layout, in sampling order."""
+        if self.stack_clients == 1:
+            return [[cid] for cid in loaders]
         by_layout: dict[object, list[int]] = {}
         for cid, loader in loaders.items():
             layout = batch_layout(loader)
