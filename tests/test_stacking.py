@@ -299,9 +299,29 @@ def test_a_failed_stacked_fit_fails_each_of_its_clients(monkeypatch):
         _run(Dense(), data, 3, rounds=1)
 
 
-def test_stack_clients_must_be_positive():
+@pytest.mark.parametrize("value", [0, -3, "many"])
+def test_stack_clients_must_be_auto_or_positive(value):
     from sparsyfed_lightning.federated.trainer import FederatedTrainer
 
-    with pytest.raises(ValueError, match="trainer.stack_clients must be an integer >= 1, got 0") as error:
-        FederatedTrainer(progress="none", stack_clients=0)
+    expected = f"trainer.stack_clients must be 'auto' or an integer >= 1, got {value!r}"
+    with pytest.raises(ValueError, match=expected) as error:
+        FederatedTrainer(progress="none", stack_clients=value)
     assert "\n" not in str(error.value)
+
+
+def test_auto_stacks_small_cpu_steps_and_leaves_large_ones_alone():
+    """auto: 10 clients per fit for steps under the CPU threshold, 1 above it, from the forward FLOPs."""
+    from sparsyfed_lightning.federated.trainer import STACK_ON_CPU_BELOW_FLOPS
+    from sparsyfed_lightning.methods import Dense
+
+    small = EqualSizeData()  # 6x6 inputs: well under the threshold
+    trainer, _ = _run(Dense(), small, "auto", rounds=1)
+    assert trainer.history[-1]["stacked_clients"] == 4
+    assert set(trainer.runner._stacked) == {4}
+    flops = trainer.runner.forward_flops(small.client_train_dataloader(0))
+    assert 0 < flops < STACK_ON_CPU_BELOW_FLOPS
+    large = EqualSizeData(samples=20)
+    large.inputs = [torch.randn(20, 1, 96, 96) for _ in range(4)]  # about 16x the threshold
+    trainer, uplinks = _run(Dense(), large, "auto", rounds=1)
+    assert trainer.runner.forward_flops(large.client_train_dataloader(0)) > STACK_ON_CPU_BELOW_FLOPS
+    assert trainer.history[-1]["stacked_clients"] == 1 and trainer.runner._stacked == {} and len(uplinks) == 4

@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import StackedBatchLoader
@@ -162,6 +163,24 @@ class ClientRunner:
             except ValueError as error:  # a layer type stacking cannot split per client
                 self._stacking_refused = str(error)
         return not self._stacking_refused
+
+    def forward_flops(self, loader: Any) -> int | None:
+        """FLOPs of one forward pass of the client network on a full batch of `loader` (None: unknown).
+
+        Reads the batch shape without iterating, so the loader's shuffling is left untouched.
+        """
+        inputs = getattr(loader, "inputs", None)
+        batch_size = getattr(loader, "batch_size", None)
+        if not isinstance(inputs, torch.Tensor) or not batch_size:
+            return None
+        sample = torch.zeros(batch_size, *inputs.shape[1:], dtype=torch.float32)
+        net = ClientModule(**self.module.hparams).net.eval()
+        try:
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                net(sample)
+        except Exception:  # noqa: BLE001 - e.g. a transform changes the shape: the cost stays unknown
+            return None
+        return counter.get_total_flops()
 
     def _stacked_module(self, clients: int) -> tuple[ClientModule, L.Trainer]:
         """The module stacking `clients` copies of the client network, and its Trainer (built once)."""

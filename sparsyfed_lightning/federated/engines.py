@@ -31,6 +31,7 @@ class InProcessEngine:
         self.datamodule = datamodule
         self.seed = seed
         self.stack_clients = stack_clients
+        self.largest_fit = 0  # the most clients one fit of the last round trained together
 
     def fit_round(
         self,
@@ -56,7 +57,9 @@ class InProcessEngine:
                 failures[cid] = f"{type(error).__name__}: {error}"
         pending: dict[int, ClientResult] = {}
         next_index = 0
-        for group in self._groups(loaders):
+        groups = self._groups(loaders)
+        self.largest_fit = max(map(len, groups), default=0)
+        for group in groups:
             try:
                 if len(group) == 1:
                     fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seeds[group[0]])]

@@ -56,6 +56,14 @@ _CLIENT_TRAINER_KEYS = (
     "accumulate_grad_batches",
     "limit_train_batches",
 )
+# `stack_clients: auto`. On a GPU stacking pays (DESIGN.md: ResNet-18, 10 clients, 5x faster on an
+# H200). On a CPU grouped convolutions run slower than plain ones, which only the per-step overhead
+# saved makes up for on small steps: measured here (2 cores, 10 clients stacked against one after
+# the other), small_cnn at batch 16 took 0.75x the time at 8x8 inputs (57 MFLOP per forward pass),
+# 0.95x at 12x12 (129 MFLOP), 1.23x at 16x16 (229 MFLOP), 1.51x at 32x32; logmel_cnn 1.74x,
+# resnet18_cifar 1.3x.
+AUTO_STACK_CLIENTS = 10
+STACK_ON_CPU_BELOW_FLOPS = 100e6
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_MODEL_NAME = "global_model.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -89,10 +97,12 @@ class FederatedTrainer(L.Trainer):
         stack_clients: train up to this many of a round's clients at once, as one network with
             grouped convolutions, when their loaders yield the same batch sizes (the paper's LDA
             partitions have equal sizes); 1 trains each client alone. The result is the same up to
-            floating-point rounding, and a round is faster wherever small steps are overhead-bound
-            (docs/PERFORMANCE.md). Clients train alone anyway for zerofl and sparsyfed_spectral, for
-            models with layers that cannot be stacked, with gradient clipping, and on the Flower
-            engine.
+            floating-point rounding; a round is faster wherever steps are overhead-bound, slower
+            where grouped convolutions are less efficient than plain ones (large steps on a CPU).
+            "auto" (default): 10 on a GPU, and on a CPU 10 when one client step's forward pass costs
+            under `STACK_ON_CPU_BELOW_FLOPS`, else 1 (docs/PERFORMANCE.md). Clients train alone
+            anyway for zerofl and sparsyfed_spectral, for models with layers that cannot be
+            stacked, with gradient clipping, and on the Flower engine.
         flower: options of the Flower engine (client resources, routing, timeouts).
         progress: "auto" (a bar on a terminal, lines otherwise), "rich", "plain" or "none".
     """
@@ -118,7 +128,7 @@ class FederatedTrainer(L.Trainer):
         mask_snapshot_every: int = 0,
         optimizer_on_buffers: bool = True,
         engine: Literal["inprocess", "flower"] = "inprocess",
-        stack_clients: int = 10,
+        stack_clients: int | Literal["auto"] = "auto",
         flower: FlowerConfig | None = None,
         progress: ProgressMode = "auto",
         **kwargs: Any,
@@ -132,7 +142,6 @@ class FederatedTrainer(L.Trainer):
             ("iou_lag", iou_lag, 0),
             ("checkpoint_every", checkpoint_every, 0),
             ("mask_snapshot_every", mask_snapshot_every, 0),
-            ("stack_clients", stack_clients, 1),
         ):
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"trainer.{name} must be an integer >= {minimum}, got {value!r}")
@@ -144,6 +153,8 @@ class FederatedTrainer(L.Trainer):
             raise ValueError(f"trainer.engine must be 'inprocess' or 'flower', got {engine!r}")
         if engine == "flower":
             require_flower()
+        if stack_clients != "auto" and (not isinstance(stack_clients, int) or stack_clients < 1):
+            raise ValueError(f"trainer.stack_clients must be 'auto' or an integer >= 1, got {stack_clients!r}")
         self.method = method if method is not None else SparsyFed()
         self.stack_clients = stack_clients
         self.server_optimizer = server_optimizer if server_optimizer is not None else FedAvg()
@@ -311,8 +322,21 @@ class FederatedTrainer(L.Trainer):
             from sparsyfed_lightning.federated.engines_flower import FlowerEngine
 
             return FlowerEngine(self, datamodule)
-        stack_clients = self.stack_clients if runner.can_stack() else 1
-        return InProcessEngine(runner, datamodule, self.seed, stack_clients)
+        return InProcessEngine(runner, datamodule, self.seed, self._clients_per_stacked_fit(runner, datamodule))
+
+    def _clients_per_stacked_fit(self, runner: ClientRunner, datamodule: Any) -> int:
+        """`stack_clients` with "auto" resolved; 1 where stacking is unavailable (see its doc)."""
+        if not runner.can_stack():
+            return 1
+        if self.stack_clients != "auto":
+            return self.stack_clients
+        if runner.trainer.strategy.root_device.type != "cpu":
+            return AUTO_STACK_CLIENTS
+        try:
+            flops = runner.forward_flops(datamodule.client_train_dataloader(0))
+        except Exception:  # noqa: BLE001 - a client that cannot load fails in its round, not here
+            flops = None
+        return AUTO_STACK_CLIENTS if flops is not None and flops < STACK_ON_CPU_BELOW_FLOPS else 1
 
     def _client_lr(self, round_index: int, model: ClientModule) -> float:
         total = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds
@@ -340,6 +364,7 @@ class FederatedTrainer(L.Trainer):
         metrics = server.end_round()
         aggregated = time.perf_counter()
         metrics.update(round=round_index, lr=lr, clients=clients, failures=failures)
+        metrics["stacked_clients"] = getattr(engine, "largest_fit", 1)
         metrics["time_train_s"] = trained - started
         metrics["time_aggregate_s"] = aggregated - trained
         if round_index % self.eval_every == 0 or round_index == self.rounds:
