@@ -47,9 +47,10 @@ from sparsyfed_lightning.server.optimizers import FedAvg, ServerOptimizer
 
 CONFIG_NAME = "config.yaml"
 _DATA_KEYS = set(inspect.signature(FederatedDataModule.__init__).parameters) - {"self"}
-# Keys that may differ between a run and its resumption.
+# Keys that may differ between a run and its resumption. `stack_clients` changes results only by
+# float rounding, and a run whose stacked fit ran out of memory must be able to go on with fewer.
 _RESUME_FREE_KEYS = {"config", "resume", "overwrite", "trainer.run_dir", "trainer.progress", "trainer.rounds",
-                     "trainer.checkpoint_every", "ckpt_path"}
+                     "trainer.checkpoint_every", "trainer.stack_clients", "ckpt_path"}
 
 
 class UsageError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -74,6 +75,11 @@ def test_existing_run_directory_needs_resume_or_overwrite(tiny_config, tmp_path,
     assert _fit(tiny_config, run_dir, "--trainer.rounds", "1", "--overwrite", "true") == 0
     assert main(["fit", "--config", str(tiny_config), "--resume", str(run_dir), "--trainer.rounds", "2"]) == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    # e.g. after running out of memory in a stacked fit: go on with clients trained one at a time
+    resumed = ["--resume", str(run_dir), "--trainer.rounds", "3", "--trainer.stack_clients", "1"]
+    assert main(["fit", "--config", str(tiny_config), *resumed]) == 0
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["round"] == 3 and last["stacked_clients"] == 1
 
 
 BAD_INPUTS = [
