@@ -265,6 +265,7 @@ def test_methods_and_models_that_cannot_stack_train_clients_alone():
     assert trainer.runner._stacked == {} and not trainer.runner.can_stack()
     trainer, _ = _run(Dense(), EqualSizeData(), 4, rounds=1)
     assert set(trainer.runner._stacked) == {4}
+    assert all(m.training for m in trainer.runner._stacked[4][0].net.modules())  # trained in training mode
 
 
 def test_a_model_with_layers_that_cannot_stack_trains_clients_alone(monkeypatch):

@@ -77,9 +77,7 @@ class ClientModule(L.LightningModule):
             return self._stacked_train_loss(logits, y)
         loss = nn.functional.cross_entropy(logits, y)
         if stage == "train":
-            detached = loss.detach()
-            self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
-            self._train_batches += 1
+            self._add_train_loss(loss.detach())
         else:
             accuracy = self.val_accuracy if stage == "val" else self.test_accuracy
             accuracy.update(logits, y)
@@ -92,10 +90,13 @@ class ClientModule(L.LightningModule):
         batch, copies = y.shape
         losses = nn.functional.cross_entropy(logits.reshape(batch * copies, -1), y.reshape(-1), reduction="none")
         per_client = losses.view(batch, copies).mean(0)
-        detached = per_client.detach()
+        self._add_train_loss(per_client.detach())
+        return per_client.sum()
+
+    def _add_train_loss(self, detached: torch.Tensor) -> None:
+        """Add one batch's loss (one per stacked client) to the epoch's running sum, on the device."""
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_batches += 1
-        return per_client.sum()
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

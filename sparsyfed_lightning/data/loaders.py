@@ -107,7 +107,7 @@ def batch_layout(loader: object) -> tuple[int, ...] | None:
     if not isinstance(loader, TensorBatchLoader):
         return None
     sizes = [loader.batch_size] * len(loader)
-    if sizes and loader.num_samples % loader.batch_size and len(loader) * loader.batch_size > loader.num_samples:
+    if len(loader) * loader.batch_size > loader.num_samples:  # a kept partial last batch
         sizes[-1] = loader.num_samples % loader.batch_size
     return tuple(sizes)
 

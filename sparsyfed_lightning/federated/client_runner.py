@@ -90,6 +90,7 @@ class ClientRunner:
         self.trainer = self._fit_trainer()
         self._stacked: dict[int, tuple[ClientModule, L.Trainer]] = {}
         self._stacking_refused: str | None = None
+        self._plain_net: torch.nn.Module | None = None
         self.eval_trainer = L.Trainer(
             logger=False,
             enable_checkpointing=False,
@@ -158,7 +159,7 @@ class ClientRunner:
             return False
         if self._stacking_refused is None:
             try:
-                stack_network(ClientModule(**self.module.hparams).net, 2)
+                stack_network(self._plain_network(), 1)  # refuses unsupported layer types
                 self._stacking_refused = ""
             except ValueError as error:  # a layer type stacking cannot split per client
                 self._stacking_refused = str(error)
@@ -174,7 +175,7 @@ class ClientRunner:
         if not isinstance(inputs, torch.Tensor) or not batch_size:
             return None
         sample = torch.zeros(batch_size, *inputs.shape[1:], dtype=torch.float32)
-        net = ClientModule(**self.module.hparams).net.eval()
+        net = self._plain_network()
         try:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 net(sample)
@@ -182,11 +183,21 @@ class ClientRunner:
             return None
         return counter.get_total_flops()
 
+    def _plain_network(self) -> torch.nn.Module:
+        """The client backbone before the method's wrapping, in eval mode, built once (never trained).
+
+        `stack_network` copies it, so it stays as built; it serves the stacking checks and FLOP count.
+        """
+        if self._plain_net is None:
+            self._plain_net = ClientModule(**self.module.hparams).net.eval()
+        return self._plain_net
+
     def _stacked_module(self, clients: int) -> tuple[ClientModule, L.Trainer]:
         """The module stacking `clients` copies of the client network, and its Trainer (built once)."""
         if clients not in self._stacked:
             module = ClientModule(**self.module.hparams)
-            module.net = self.method.prepare_model(stack_network(module.net, clients))
+            # The copy inherits the plain network's eval mode; a fit needs it in training mode.
+            module.net = self.method.prepare_model(stack_network(self._plain_network(), clients).train())
             module.stacked_clients = clients
             self._stacked[clients] = (module, self._fit_trainer())
         return self._stacked[clients]
