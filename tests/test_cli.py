@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from sparsyfed_lightning.cli import main
+from sparsyfed_lightning.federated.checkpoint import load_model_state
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_existing_run_directory_needs_resume_or_overwrite(tiny_config, tmp_path,
     capsys.readouterr()
     assert _fit(tiny_config, run_dir, "--trainer.rounds", "1") == 2
     assert "already exists; pass --resume" in capsys.readouterr().err
-    assert _fit(tiny_config, run_dir, "--trainer.rounds", "1", "--overwrite", "true") == 0
+    assert _fit(tiny_config, run_dir, "--trainer.rounds", "1", "--overwrite") == 0
     assert main(["fit", "--config", str(tiny_config), "--resume", str(run_dir), "--trainer.rounds", "2"]) == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     # e.g. after running out of memory in a stacked fit: go on with clients trained one at a time
@@ -157,8 +158,8 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_config, tmp_
     assert not (killed / "global_model.pt").exists()
 
     assert main(["fit", "--config", str(tiny_config), "--resume", str(killed), *common]) == 0
-    expected = torch.load(reference / "global_model.pt", weights_only=True)
-    resumed = torch.load(killed / "global_model.pt", weights_only=True)
+    expected = load_model_state(reference / "global_model.pt")
+    resumed = load_model_state(killed / "global_model.pt")
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key

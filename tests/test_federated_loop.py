@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sparsyfed_lightning.federated.errors import RunFailedError
 from sparsyfed_lightning.federated.server import FederatedServer
 from sparsyfed_lightning.methods import FLASH, Dense, SparsyFed, SparsyFedSpectral, TopK, ZeroFL, build_method
 from sparsyfed_lightning.server.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -175,12 +176,12 @@ def test_failures_follow_the_accept_failures_policy(run_rounds, digits_module, m
         return original(self, cid, seed)
 
     monkeypatch.setattr(type(digits_module), "client_train_dataloader", flaky)
-    with pytest.raises(RuntimeError, match="client 0 failed.*disk on fire"):
+    with pytest.raises(RunFailedError, match="client 0 failed.*disk on fire"):
         run_rounds(SparsyFed(0.9), rounds=1, clients_per_round=6)
     trainer = run_rounds(SparsyFed(0.9), rounds=1, clients_per_round=6, accept_failures=True)
     assert trainer.history[-1]["failures"] == {0: "OSError: disk on fire"}
     assert trainer.history[-1]["clients_ok"] == 5
-    with pytest.raises(RuntimeError, match="min_successful_clients=6"):
+    with pytest.raises(RunFailedError, match="min_successful_clients=6"):
         run_rounds(SparsyFed(0.9), rounds=1, clients_per_round=6, accept_failures=True, min_successful_clients=6)
 
 

@@ -22,6 +22,7 @@ from sparsyfed_lightning.client.module import ClientModule  # noqa: E402
 from sparsyfed_lightning.data.module import FederatedDataModule  # noqa: E402
 from sparsyfed_lightning.federated import engines_flower  # noqa: E402
 from sparsyfed_lightning.federated.engines_flower import FlowerConfig, route_any, route_partition  # noqa: E402
+from sparsyfed_lightning.federated.errors import RunFailedError  # noqa: E402
 from sparsyfed_lightning.federated.flower_app import attach_grid, make_client_app  # noqa: E402
 from sparsyfed_lightning.federated.sampling import client_seed  # noqa: E402
 from sparsyfed_lightning.federated.server import FederatedServer  # noqa: E402
@@ -216,7 +217,7 @@ def test_failures_stop_the_run_unless_accepted(tmp_path):
     trainer = FederatedTrainer(method=SparsyFed(0.9), rounds=1, clients_per_round=2, seed=SEED, accelerator="cpu",
                                progress="none", engine="flower")
     grid = LocalGrid(_client_app_for(datamodule, model, trainer.method, trainer), 2)
-    with attach_grid(grid), pytest.raises(RuntimeError, match="client 0 failed.*injected failure of client 0"):
+    with attach_grid(grid), pytest.raises(RunFailedError, match="client 0 failed.*injected failure of client 0"):
         trainer.fit(model, datamodule=datamodule)
 
 

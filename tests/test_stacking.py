@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sparsyfed_lightning.data.loaders import StackedBatchLoader, TensorBatchLoader, batch_layout
+from sparsyfed_lightning.federated.errors import RunFailedError
 from sparsyfed_lightning.models import build_model
 from sparsyfed_lightning.models.stacked import StackedLinear, stack_network, stack_states, unstack_state
 from sparsyfed_lightning.sparse import ActivationPruning, global_magnitude_prune, powerpropify, prunable_weights
@@ -284,19 +285,27 @@ def test_a_model_with_layers_that_cannot_stack_trains_clients_alone(monkeypatch)
     assert len(uplinks) == 4
 
 
-def test_a_failed_stacked_fit_fails_each_of_its_clients(monkeypatch):
+def test_a_failed_stacked_fit_is_retried_alone_so_only_the_failing_client_fails(monkeypatch):
     from sparsyfed_lightning.federated.client_runner import ClientRunner
     from sparsyfed_lightning.methods import Dense
 
     def broken(self, cids, *args, **kwargs):
         raise RuntimeError("out of memory")
 
+    alone = ClientRunner.fit
+
+    def client_1_fails(self, cid, *args, **kwargs):
+        if cid == 1:
+            raise RuntimeError("client 1 is broken")
+        return alone(self, cid, *args, **kwargs)
+
     monkeypatch.setattr(ClientRunner, "fit_stacked", broken)
+    monkeypatch.setattr(ClientRunner, "fit", client_1_fails)
     data = EqualSizeData(odd_samples=33)
     trainer, uplinks = _run(Dense(), data, 3, rounds=1, accept_failures=True)
-    assert [cid for cid, _, _ in uplinks] == [3]  # only the client that trained alone arrived
-    assert sorted(trainer.history[-1]["failures"]) == [0, 1, 2]
-    with pytest.raises(RuntimeError, match="out of memory .in a fit of 3 stacked clients; trainer.stack_clients=1"):
+    assert [cid for cid, _, _ in uplinks] == [0, 2, 3]  # the group of 0, 1, 2 went on one at a time
+    assert trainer.history[-1]["failures"] == {1: "RuntimeError: client 1 is broken"}
+    with pytest.raises(RunFailedError, match="out of memory .in a fit of 3 stacked clients; trainer.stack_clients=1"):
         _run(Dense(), data, 3, rounds=1)
 
 

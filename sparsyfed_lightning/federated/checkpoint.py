@@ -1,30 +1,70 @@
-"""Atomic checkpoint files: written to a temporary file in the same folder, then renamed."""
+"""Files a run writes and reads back: atomic, integrity-checked, and safe to load from strangers.
+
+* Atomic: every file is written to a temporary file in the same folder (`.<name>.tmp-<random>`),
+  flushed to disk, then renamed over its target, so a reader or a crash never sees half a file.
+  A killed write leaves only such a temporary file; `remove_temp_files` cleans them on the next start.
+* Integrity: a checkpoint or model file is a dict `{"format", "kind", "sha256", "content"}`; the
+  SHA-256 covers every tensor's bytes, dtype and shape and every other value of `content` in a fixed
+  traversal order, and is verified on load. A truncated, empty or bit-flipped file is a
+  `CheckpointError` naming the file.
+* Untrusted files: everything is loaded with `torch.load(weights_only=True)`, which unpickles only
+  tensors and plain containers/numbers/strings: a crafted pickle that names `os.system` is rejected
+  instead of run. Everything this project stores in a checkpoint is of those types.
+* Disk full: an `OSError` with `ENOSPC` while writing becomes a `DiskFullError`; the temporary file is
+  removed and the previous file at the target path stays as it was.
+
+`RunCheckpoints` keeps the latest checkpoint (`checkpoint.pt`) and the one before it
+(`checkpoint.prev.pt`), so a damaged latest one can be resumed from the previous one.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sparsyfed_lightning.federated.errors import CheckpointError, DiskFullError
+
+FORMAT = "sparsyfed-lightning/2"
+CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
+TEMP_MARK = ".tmp-"
+
 
 def _write_atomic(path: str | os.PathLike[str], mode: str, write: Callable[[Any], None]) -> None:
     """Run `write(handle)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+    except OSError as error:
+        raise _translate(error, path) from error
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _translate(error, path) from error
         raise
+
+
+def _translate(error: OSError, path: Path) -> OSError:
+    if error.errno == errno.ENOSPC:
+        return DiskFullError(f"the disk is full: writing {path} failed (no space left on device)")
+    return error
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -37,6 +77,139 @@ def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
     _write_atomic(path, "w", lambda handle: handle.write(text))
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint written by `save_atomic` (CPU tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def append_line(line: str, path: str | os.PathLike[str]) -> None:
+    """Append one line to a text file (e.g. `metrics.jsonl`), with disk-full errors made readable."""
+    path = Path(path)
+    try:
+        with open(path, "a") as handle:
+            handle.write(line if line.endswith("\n") else line + "\n")
+            handle.flush()
+    except OSError as error:
+        raise _translate(error, path) from error
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in `folder` (and its subfolders)."""
+    removed = []
+    for path in Path(folder).rglob(f".*{TEMP_MARK}*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def content_digest(content: Any) -> str:
+    """SHA-256 over `content`: tensors by dtype, shape and bytes; other values by type and repr."""
+    digest = hashlib.sha256()
+    _feed(digest, content)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}|".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"{type(value).__name__}{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r}|".encode())
+
+
+def save_verified(content: Any, path: str | os.PathLike[str], kind: str) -> None:
+    """Write `content` atomically with its SHA-256 (see the module doc); `kind` names what it is."""
+    save_atomic({"format": FORMAT, "kind": kind, "sha256": content_digest(content), "content": content}, path)
+
+
+def load_verified(path: str | os.PathLike[str], kinds: tuple[str, ...]) -> tuple[str, Any]:
+    """Load a file written by `save_verified` whose kind is one of `kinds`; returns `(kind, content)`.
+
+    Raises `CheckpointError` (one line naming the file) for a missing, empty, truncated, corrupted,
+    foreign or unsafe file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from error
+    if not data:
+        raise CheckpointError(f"{path} is empty (an interrupted copy or write?)")
+    try:
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): {reason}") from error
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (truncated or corrupted file)") from error
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or "content" not in saved:
+        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"{path} is not a {FORMAT} file (found {found!r}); it was not written by this version")
+    if saved.get("kind") not in kinds:
+        raise CheckpointError(f"{path} holds a {saved.get('kind')!r}, expected {' or '.join(map(repr, kinds))}")
+    if content_digest(saved["content"]) != saved.get("sha256"):
+        raise CheckpointError(f"{path} is damaged: its integrity check (SHA-256) does not match its content")
+    return saved["kind"], saved["content"]
+
+
+def load_model_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The global model state held by a run's `global_model.pt` or a `checkpoint.pt`."""
+    kind, content = load_verified(path, ("global_model", "checkpoint"))
+    state = content if kind == "global_model" else content["server"]["global_state"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no model state")
+    return state
+
+
+class RunCheckpoints:
+    """The latest checkpoint of a run directory and the previous one.
+
+    `save` writes the new checkpoint to a temporary file first; only when it is complete does the
+    current `checkpoint.pt` become `checkpoint.prev.pt` and the new file `checkpoint.pt`, so a full
+    disk or a crash never leaves the run without a good checkpoint. A current file that is not
+    known to be good (e.g. it failed its integrity check and the run resumed from the previous one)
+    is not rotated into `checkpoint.prev.pt`; it is simply replaced.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.latest = self.run_dir / CHECKPOINT_NAME
+        self.previous = self.run_dir / PREVIOUS_CHECKPOINT_NAME
+        self.latest_is_good = False  # True once this process wrote or verified `latest`
+        self.saved_round: int | None = None  # the round of the last checkpoint this process wrote
+
+    def save(self, content: dict[str, Any], round_index: int) -> None:
+        """Write `content` (a checkpoint of round `round_index`) as the latest checkpoint."""
+        staged = self.run_dir / f".{CHECKPOINT_NAME}{TEMP_MARK}staged"
+        save_verified(content, staged, "checkpoint")
+        try:
+            if self.latest.exists() and self.latest_is_good:
+                os.replace(self.latest, self.previous)
+            os.replace(staged, self.latest)
+        except OSError as error:
+            staged.unlink(missing_ok=True)
+            raise _translate(error, self.latest) from error
+        self.latest_is_good = True
+        self.saved_round = round_index
+
+    def load(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """The content of `path` (default: the latest checkpoint), verified."""
+        path = Path(path) if path is not None else self.latest
+        _, content = load_verified(path, ("checkpoint",))
+        self.latest_is_good = path.resolve() == self.latest.resolve()
+        return content
+
+    def resume_hint(self) -> str:
+        """How to go on from the previous checkpoint, for error lines about a damaged latest one."""
+        if self.previous.is_file():
+            return f"resume from the previous checkpoint by adding --ckpt_path {self.previous}"
+        return "no previous checkpoint exists; start the run again with --overwrite"

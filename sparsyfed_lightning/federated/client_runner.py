@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import StackedBatchLoader
 from sparsyfed_lightning.federated.codec import MessageStats, decode_state, encode_state_with_stats
+from sparsyfed_lightning.federated.errors import NonFiniteError
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.models.stacked import stack_network, stack_states, unstack_state
 
@@ -124,19 +125,28 @@ class ClientRunner:
     def _result(
         self, cid: int, index: int, state: dict[str, torch.Tensor], num_samples: int, train_loss: float
     ) -> ClientResult:
-        """The uplink message of a trained client (`index`: its place in a stacked fit, else 0)."""
+        """The uplink message of a trained client (`index`: its place in a stacked fit, else 0).
+
+        A state with NaN or Inf (a diverged client) raises `NonFiniteError`: it is a client failure,
+        never something to aggregate.
+        """
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise NonFiniteError(f"client {cid} returned non-finite values (NaN/Inf) in {bad}")
         payload, stats = encode_state_with_stats(state)
         metrics = {"train_loss": train_loss, **self.method.client_stats(index)}
         return ClientResult(cid, num_samples, payload, stats, metrics)
 
     def fit_stacked(
         self, cids: list[int], global_state: dict[str, torch.Tensor], loaders: list[Any], lr: float, seeds: list[int]
-    ) -> list[ClientResult]:
+    ) -> list[ClientResult | NonFiniteError]:
         """Train clients `cids` together as one stacked network; their loaders must share a batch layout.
 
         `seeds[i]` is client i's seed, as `fit` takes it: its loader's shuffling and its transform's
         random draws follow it (`StackedBatchLoader`). The global RNGs are seeded with the first;
         models that draw from them while training (dropout) therefore draw differently than alone.
+        Stacked clients are independent, so a client that diverges (NaN/Inf) fails alone: its entry
+        is the `NonFiniteError` instead of a result.
         """
         if not self.method.supports_stacking:
             raise ValueError(f"method {self.method.name!r} cannot train stacked clients")
@@ -145,10 +155,23 @@ class ClientRunner:
         self._fit_epochs(module, trainer, StackedBatchLoader(loaders, seeds), lr, seeds[0])
         states = unstack_state(state_on_cpu(module.net), len(cids), global_state)
         losses = module.mean_train_losses()
-        return [
-            self._result(cid, index, state, loader.num_samples, losses[index])
-            for index, (cid, state, loader) in enumerate(zip(cids, states, loaders, strict=True))
-        ]
+        results: list[ClientResult | NonFiniteError] = []
+        for index, (cid, state, loader) in enumerate(zip(cids, states, loaders, strict=True)):
+            try:
+                results.append(self._result(cid, index, state, loader.num_samples, losses[index]))
+            except NonFiniteError as error:
+                results.append(error)
+        return results
+
+    def request_stop(self) -> None:
+        """Make a running client fit or evaluation stop after its current batch (a stop signal arrived).
+
+        Uses Lightning's own flag, which its loops check at batch boundaries (they raise
+        `SIGTERMException`, a `SystemExit`).
+        """
+        trainers = [self.trainer, self.eval_trainer, *(trainer for _, trainer in self._stacked.values())]
+        for trainer in trainers:
+            trainer._signal_connector.received_sigterm = True
 
     def can_stack(self) -> bool:
         """Whether `fit_stacked` is available: the method supports it and the model's layers stack.
@@ -208,6 +231,14 @@ class ClientRunner:
         self.method.on_global_loaded(self.module.net)
         results = self.eval_trainer.validate(self.module, dataloaders=loader, verbose=False)
         return {"test_loss": float(results[0]["val_loss"]), "test_accuracy": float(results[0]["val_accuracy"])}
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The key of the first floating entry of `state` holding NaN or Inf, or None."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
 
 
 def decode_result(result: ClientResult) -> dict[str, torch.Tensor]:

@@ -22,15 +22,30 @@ class InProcessEngine:
         seed: the run seed; each client's seed derives from (seed, round, client).
         stack_clients: fit up to this many clients with the same batch sizes as one stacked network
             (`ClientRunner.fit_stacked`); 1 fits every client alone.
+        retry_alone: when a stacked fit raises, fit its clients again one at a time so that only the
+            client that fails is a failure (the run accepts failures); otherwise every client of the
+            group fails with the stacked fit's error.
+        should_stop: called between client fits; when it returns True the round is abandoned with
+            `RoundAbandoned` (a stop signal arrived).
     """
 
     name = "inprocess"
 
-    def __init__(self, runner: ClientRunner, datamodule: Any, seed: int, stack_clients: int = 1) -> None:
+    def __init__(
+        self,
+        runner: ClientRunner,
+        datamodule: Any,
+        seed: int,
+        stack_clients: int = 1,
+        retry_alone: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         self.runner = runner
         self.datamodule = datamodule
         self.seed = seed
         self.stack_clients = stack_clients
+        self.retry_alone = retry_alone
+        self.should_stop = should_stop if should_stop is not None else (lambda: False)
         self.largest_fit = 0  # the most clients one fit of the last round trained together
 
     def fit_round(
@@ -54,25 +69,20 @@ class InProcessEngine:
             try:
                 loaders[cid] = self.datamodule.client_train_dataloader(cid, seed=seeds[cid])
             except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
-                failures[cid] = f"{type(error).__name__}: {error}"
+                failures[cid] = _describe(error)
         pending: dict[int, ClientResult] = {}
         next_index = 0
         groups = self._groups(loaders)
         self.largest_fit = max(map(len, groups), default=0)
         for group in groups:
-            try:
-                if len(group) == 1:
-                    fitted = [self.runner.fit(group[0], received, loaders[group[0]], lr, seeds[group[0]])]
+            if self.should_stop():
+                raise RoundAbandoned(f"round {round_index} abandoned before client {group[0]}")
+            outcomes = self._fit_group(group, received, loaders, lr, seeds)
+            for cid, outcome in outcomes.items():
+                if isinstance(outcome, ClientResult):
+                    pending[cid] = outcome
                 else:
-                    group_loaders, group_seeds = [loaders[c] for c in group], [seeds[c] for c in group]
-                    fitted = self.runner.fit_stacked(group, received, group_loaders, lr, group_seeds)
-            except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
-                message = f"{type(error).__name__}: {error}"
-                if len(group) > 1:  # e.g. out of memory: say how to train them one at a time
-                    message += f" (in a fit of {len(group)} stacked clients; trainer.stack_clients=1 fits them alone)"
-                failures.update(dict.fromkeys(group, message))
-            else:
-                pending.update((result.cid, result) for result in fitted)
+                    failures[cid] = outcome
             while next_index < len(client_ids) and (
                 client_ids[next_index] in pending or client_ids[next_index] in failures
             ):
@@ -80,6 +90,36 @@ class InProcessEngine:
                     receive(pending.pop(client_ids[next_index]))
                 next_index += 1
         return failures
+
+    def _fit_group(
+        self, group: list[int], received: dict[str, Any], loaders: dict[int, Any], lr: float, seeds: dict[int, int]
+    ) -> dict[int, ClientResult | str]:
+        """Fit one group of clients; each client's result or its error message."""
+        if len(group) == 1:
+            cid = group[0]
+            try:
+                return {cid: self.runner.fit(cid, received, loaders[cid], lr, seeds[cid])}
+            except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
+                return {cid: _describe(error)}
+        try:
+            group_loaders, group_seeds = [loaders[c] for c in group], [seeds[c] for c in group]
+            fitted = self.runner.fit_stacked(group, received, group_loaders, lr, group_seeds)
+        except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
+            if self.retry_alone:  # find the client that fails; the others go on (results equal up to rounding)
+                outcomes: dict[int, ClientResult | str] = {}
+                for cid in group:
+                    if self.should_stop():
+                        raise RoundAbandoned(f"round abandoned before client {cid}") from error
+                    outcomes.update(self._fit_group([cid], received, loaders, lr, seeds))
+                return outcomes
+            # e.g. out of memory: say how to train them one at a time
+            message = (f"{_describe(error)} (in a fit of {len(group)} stacked clients; "
+                       "trainer.stack_clients=1 fits them alone)")
+            return dict.fromkeys(group, message)
+        return {
+            cid: outcome if isinstance(outcome, ClientResult) else _describe(outcome)
+            for cid, outcome in zip(group, fitted, strict=True)
+        }
 
     def _groups(self, loaders: dict[int, Any]) -> list[list[int]]:
         """Clients in groups of at most `stack_clients` with the same batch layout, in sampling order."""
@@ -93,3 +133,13 @@ class InProcessEngine:
         for members in by_layout.values():
             groups += [members[i : i + self.stack_clients] for i in range(0, len(members), self.stack_clients)]
         return groups
+
+
+class RoundAbandoned(Exception):
+    """A round stopped before all of its clients were fitted (a stop signal arrived)."""
+
+
+def _describe(error: BaseException) -> str:
+    """A client failure as one line: the exception type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

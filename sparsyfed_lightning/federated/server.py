@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from sparsyfed_lightning.federated.client_runner import ClientResult, decode_result
+from sparsyfed_lightning.federated.client_runner import ClientResult, decode_result, first_non_finite
 from sparsyfed_lightning.federated.codec import MessageStats, encode_state_with_stats
+from sparsyfed_lightning.federated.errors import NonFiniteError
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.server.aggregation import WeightedAverage
 from sparsyfed_lightning.server.optimizers import ServerOptimizer
@@ -112,7 +113,15 @@ class FederatedServer:
             raise RuntimeError(f"round {self.round}: no client result to aggregate")
         total = self._aggregate.total_weight
         aggregate = self.method.server_update(self.round, self._aggregate.result())
-        self.global_state = self._optimizer_step(aggregate)
+        new_state = self._optimizer_step(aggregate)
+        bad = first_non_finite(new_state)
+        if bad is not None:  # never adopt it: the previous global model stays the last good one
+            where = "after aggregation" if first_non_finite(aggregate) == bad else "after the server optimizer step"
+            raise NonFiniteError(
+                f"round {self.round}: the global model has non-finite values (NaN/Inf) in {bad} {where} "
+                f"({type(self.optimizer).__name__})"
+            )
+        self.global_state = new_state
         self._aggregate = None
 
         metrics: dict[str, Any] = dict(self._round_metrics)
@@ -145,7 +154,11 @@ class FederatedServer:
         return {k: new[k] if k in new else aggregate[k] for k in aggregate}
 
     def model_metrics(self) -> dict[str, Any]:
-        """Density, density gain and mask IoU of the current global model."""
+        """Density, density gain and mask IoU of the current global model.
+
+        `collapsed_layers` lists the stored weights (state keys) that global magnitude pruning
+        emptied: a layer with no weight left passes nothing on, whatever the headline density says.
+        """
         weights = {k: self.global_state[k] for k in self.prunable_keys}
         masks = nonzero_masks(weights)
         params = {k: v for k, v in self.global_state.items() if v.is_floating_point() and "running" not in k}
@@ -155,6 +168,7 @@ class FederatedServer:
             "layer_density": per_tensor_density(weights),
             "mask_iou_previous": mask_iou(masks, self._global_masks),
         }
+        metrics["collapsed_layers"] = [key for key, value in metrics["layer_density"].items() if value == 0.0]
         metrics["density_gain"] = density_gain(metrics["density"], 1.0 - self.method.sparsity)
         self._global_masks = masks
         if self.iou_lag > 0 and self.round % self.iou_lag == 0:

@@ -10,15 +10,20 @@ any Trainer argument. `fit(model, datamodule=...)` runs the round loop:
 
 Client fits run on an inner, quiet `lightning.Trainer` reused for every client (see
 `ClientRunner`); this Trainer's own `logger` receives one row of metrics per round. With a
-`run_dir`, every round is also appended to `run_dir/metrics.jsonl`, a checkpoint is written
-atomically every `checkpoint_every` rounds and at the end, and the final global model is saved as
-`run_dir/global_model.pt`. `fit(..., ckpt_path=run_dir/checkpoint.pt)` resumes exactly.
+`run_dir` the run's files are written as `run_files.py` describes (metrics.jsonl, integrity-checked
+checkpoints, the final model) into a directory claimed by this process (`rundir.py`: ownership
+marker, one writer at a time); `fit(..., ckpt_path=run_dir/checkpoint.pt)` resumes exactly.
+
+Nothing fails silently (docs/RELIABILITY.md): a client update with NaN/Inf is a client failure, a
+non-finite global model stops the run before it is adopted, SIGTERM/SIGINT stop at a safe point with
+a checkpoint of the last completed round (`signals.py`), and every stop raises an exception from
+`errors.py` carrying its one-line message and exit status.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,20 +31,24 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from sparsyfed_lightning.checks import check_flag, check_integer, check_number
 from sparsyfed_lightning.client.module import ClientModule
-from sparsyfed_lightning.federated.checkpoint import load_checkpoint, save_atomic
+from sparsyfed_lightning.federated.checkpoint import CHECKPOINT_NAME, RunCheckpoints, load_model_state
 from sparsyfed_lightning.federated.client_runner import ClientRunner, quiet_lightning, state_on_cpu
-from sparsyfed_lightning.federated.engines import InProcessEngine
+from sparsyfed_lightning.federated.engines import InProcessEngine, RoundAbandoned
 from sparsyfed_lightning.federated.engines_flower import FlowerConfig, require_flower
+from sparsyfed_lightning.federated.errors import CheckpointError, RunFailedError, RunInterrupted
 from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress
+from sparsyfed_lightning.federated.run_files import FINAL_MODEL_NAME, METRICS_NAME, RunFiles
+from sparsyfed_lightning.federated.rundir import RunDirectory
 from sparsyfed_lightning.federated.sampling import ClientSampler, UniformSampler
 from sparsyfed_lightning.federated.schedule import exponential_lr
 from sparsyfed_lightning.federated.server import FederatedServer
+from sparsyfed_lightning.federated.signals import StopSignals, signal_name
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.methods.sparsyfed import SparsyFed
 from sparsyfed_lightning.server.optimizers import FedAvg, ServerOptimizer
 from sparsyfed_lightning.sparse import prunable_weights
-from sparsyfed_lightning.sparse.masks import pack_masks
 
 # Trainer arguments that also shape a client fit (the rest - logger, callbacks, ... - are the
 # federated run's own).
@@ -64,9 +73,7 @@ _CLIENT_TRAINER_KEYS = (
 # resnet18_cifar 1.3x.
 AUTO_STACK_CLIENTS = 10
 STACK_ON_CPU_BELOW_FLOPS = 100e6
-CHECKPOINT_NAME = "checkpoint.pt"
-FINAL_MODEL_NAME = "global_model.pt"
-METRICS_NAME = "metrics.jsonl"
+__all__ = ["CHECKPOINT_NAME", "FINAL_MODEL_NAME", "METRICS_NAME", "FederatedTrainer"]
 
 
 class FederatedTrainer(L.Trainer):
@@ -87,7 +94,10 @@ class FederatedTrainer(L.Trainer):
         accept_failures: continue a round when clients fail (else the run stops at the first).
         min_successful_clients: fewest successful clients a round needs when failures are accepted.
         iou_lag: rounds between pooled lagged mask-IoU snapshots (SPEC 9.3: 11; 0 disables).
-        run_dir: folder for metrics.jsonl, checkpoints and the final model (None: keep in memory).
+        run_dir: folder for metrics.jsonl, checkpoints and the final model (None: keep in memory). A
+            folder that already holds files is used only to resume (`fit(ckpt_path=...)`) or, with
+            `overwrite`, replaced when it is a run directory of this project.
+        overwrite: replace an existing run directory (never a folder this project did not create).
         checkpoint_every: write a checkpoint every this many rounds (0: only at the end).
         mask_snapshot_every: save the global mask (bit-packed) to `run_dir/masks/` every this many
             rounds, for the IoU heat-map of `sparsyfed plot` (0: about 20 snapshots per run).
@@ -124,6 +134,7 @@ class FederatedTrainer(L.Trainer):
         min_successful_clients: int = 1,
         iou_lag: int = 11,
         run_dir: str | None = None,
+        overwrite: bool = False,
         checkpoint_every: int = 0,
         mask_snapshot_every: int = 0,
         optimizer_on_buffers: bool = True,
@@ -138,23 +149,38 @@ class FederatedTrainer(L.Trainer):
             ("clients_per_round", clients_per_round, 1),
             ("local_epochs", local_epochs, 1),
             ("eval_every", eval_every, 1),
+            ("seed", seed, 0),
             ("min_successful_clients", min_successful_clients, 1),
             ("iou_lag", iou_lag, 0),
             ("checkpoint_every", checkpoint_every, 0),
             ("mask_snapshot_every", mask_snapshot_every, 0),
         ):
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"trainer.{name} must be an integer >= {minimum}, got {value!r}")
-        if lr_final is not None and not (math.isfinite(lr_final) and lr_final > 0):
-            raise ValueError(f"trainer.lr_final must be > 0 or null, got {lr_final!r}")
-        if lr_decay_rounds is not None and lr_decay_rounds < 1:
-            raise ValueError(f"trainer.lr_decay_rounds must be >= 1 or null, got {lr_decay_rounds!r}")
+            check_integer(value, f"trainer.{name}", minimum=minimum)
+        if min_successful_clients > clients_per_round:
+            raise ValueError(
+                f"trainer.min_successful_clients={min_successful_clients} is invalid; it must be <= "
+                f"trainer.clients_per_round={clients_per_round}"
+            )
+        if lr_final is not None:
+            check_number(lr_final, "trainer.lr_final", low=0, low_inclusive=False)
+        if lr_decay_rounds is not None:
+            check_integer(lr_decay_rounds, "trainer.lr_decay_rounds", minimum=1)
+        for name, flag in (("accept_failures", accept_failures), ("overwrite", overwrite),
+                           ("optimizer_on_buffers", optimizer_on_buffers)):
+            check_flag(flag, f"trainer.{name}")
         if engine not in ("inprocess", "flower"):
             raise ValueError(f"trainer.engine must be 'inprocess' or 'flower', got {engine!r}")
         if engine == "flower":
             require_flower()
-        if stack_clients != "auto" and (not isinstance(stack_clients, int) or stack_clients < 1):
+        if stack_clients != "auto" and (isinstance(stack_clients, bool) or not isinstance(stack_clients, int)
+                                        or stack_clients < 1):
             raise ValueError(f"trainer.stack_clients must be 'auto' or an integer >= 1, got {stack_clients!r}")
+        if method is not None and not isinstance(method, Method):
+            raise ValueError(f"trainer.method must be a Method (e.g. SparsyFed()), got {method!r}")
+        if server_optimizer is not None and not isinstance(server_optimizer, ServerOptimizer):
+            raise ValueError(
+                f"trainer.server_optimizer must be a ServerOptimizer (e.g. FedAvg()), got {server_optimizer!r}"
+            )
         self.method = method if method is not None else SparsyFed()
         self.stack_clients = stack_clients
         self.server_optimizer = server_optimizer if server_optimizer is not None else FedAvg()
@@ -170,6 +196,7 @@ class FederatedTrainer(L.Trainer):
         self.min_successful_clients = min_successful_clients
         self.iou_lag = iou_lag
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.overwrite = overwrite
         self.checkpoint_every = checkpoint_every
         self.mask_snapshot_every = mask_snapshot_every
         self.engine_name = engine
@@ -192,6 +219,15 @@ class FederatedTrainer(L.Trainer):
         self.history: list[dict[str, Any]] = []
         self.server: FederatedServer | None = None
         self.runner: ClientRunner | None = None
+        # How error lines tell the user to resume or overwrite; the CLI replaces these with its flags.
+        self.resume_hint = "pass ckpt_path=<run_dir>/checkpoint.pt to fit()"
+        self.overwrite_hint = "pass overwrite=True to FederatedTrainer"
+        self.resume_command: str | None = None  # None: the Python call that resumes
+        self._prepared: tuple[int, int, str | None] | None = None  # (model, datamodule, ckpt_path) prepared for
+        self._resume_content: dict[str, Any] | None = None
+        self._decay_horizon: int | None = None
+        self._run_dir_handle: RunDirectory | None = None
+        self._collapsed: set[str] = set()
 
     # -- public entry points ---------------------------------------------------------------------
     def fit(  # type: ignore[override]
@@ -203,42 +239,66 @@ class FederatedTrainer(L.Trainer):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
     ) -> None:
-        """Run the federated rounds on `datamodule` (a `FederatedDataModule`)."""
+        """Run the federated rounds on `datamodule` (a `FederatedDataModule`).
+
+        `ckpt_path` resumes the run saved in that checkpoint. Raises the exceptions of `errors.py`
+        when the run cannot start or stops early (their messages are one line).
+        """
         if datamodule is None:
             raise ValueError("FederatedTrainer.fit needs datamodule=FederatedDataModule(...)")
-        self.check_datamodule(datamodule)
-        datamodule.setup("fit")
-        self._prepare(model)
+        if self._prepared != (id(model), id(datamodule), ckpt_path):
+            self.prepare_run(model, datamodule, ckpt_path)
+        self._prepared = None
         server, runner = self.server, self.runner
         assert server is not None and runner is not None
-        engine = self._build_engine(runner, datamodule)
+        files = self._run_files()
         try:
-            start = 1
-            if ckpt_path is not None:
-                start = self._restore(ckpt_path) + 1
-            else:
-                self.history = []
-                self._record(self._evaluate({"round": 0}, datamodule))
-            with RoundProgress(self.rounds, start=start - 1, mode=self.progress_mode) as progress:
-                for round_index in range(start, self.rounds + 1):
-                    metrics = self._run_round(round_index, engine, datamodule)
-                    self._record(metrics)
-                    progress.update(metrics)
-                    if self.run_dir is not None and (
-                        round_index == self.rounds
-                        or (self.checkpoint_every and round_index % self.checkpoint_every == 0)
-                    ):
-                        self.save_checkpoint(self.run_dir / CHECKPOINT_NAME)
+            with StopSignals(on_signal=runner.request_stop) as stop:
+                engine = self._build_engine(runner, datamodule, stop)
+                try:
+                    self._run_rounds(datamodule, engine, files, stop)
+                except BaseException as error:
+                    self._stop(error, files, stop)
+                    raise
+                finally:
+                    if hasattr(engine, "close"):  # the Flower engine stops its simulation, also on errors
+                        engine.close()
+            model.net.load_state_dict(server.global_state)
+            if files is not None:
+                files.save_final_model(server.global_state)
         finally:
-            if hasattr(engine, "close"):  # the Flower engine stops its simulation, also on errors
-                engine.close()
-        model.net.load_state_dict(server.global_state)
+            if self._run_dir_handle is not None:
+                self._run_dir_handle.release()
+                self._run_dir_handle = None
+
+    def prepare_run(self, model: ClientModule, datamodule: Any, ckpt_path: str | None = None) -> None:
+        """Check everything a run needs and claim its run directory, before anything is written.
+
+        Validates the data module against the run, the model against the data (one forward pass),
+        and, when resuming, the checkpoint (integrity, settings, rounds done). Then claims `run_dir`
+        (locked for this process; created and marked when new). `fit` calls it; the CLI calls it
+        first so that it writes `config.yaml` only into a directory it may use.
+        """
+        self.check_datamodule(datamodule)
+        datamodule.setup("fit")
+        check_model_fits_data(model, datamodule)
+        self._prepare(model)
+        self._resume_content = None
+        if ckpt_path is not None:
+            self._resume_content = self._load_resumable(ckpt_path)
+        else:
+            self._decay_horizon = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds
         if self.run_dir is not None:
-            save_atomic(server.global_state, self.run_dir / FINAL_MODEL_NAME)
+            self._run_dir_handle = RunDirectory.claim(
+                self.run_dir, resume=ckpt_path is not None, overwrite=self.overwrite,
+                resume_hint=self.resume_hint, overwrite_hint=self.overwrite_hint,
+            )
+        self._prepared = (id(model), id(datamodule), ckpt_path)
 
     def validate(self, model: Any = None, dataloaders: Any = None, ckpt_path: str | None = None,  # type: ignore[override]
                  verbose: bool = True, datamodule: Any = None, weights_only: bool | None = None) -> list[dict]:
-        """Evaluate a saved global model (`ckpt_path`: a checkpoint or final model file) on the test set."""
+        """Evaluate a global model on the central test set: `ckpt_path` (a run's `global_model.pt` or
+        `checkpoint.pt`), or without it the global model of the last `fit`."""
         return self._evaluate_saved(model, datamodule, ckpt_path, verbose)
 
     def test(self, model: Any = None, dataloaders: Any = None, ckpt_path: str | None = None,  # type: ignore[override]
@@ -262,17 +322,11 @@ class FederatedTrainer(L.Trainer):
         return self.server.global_state
 
     def save_checkpoint(self, filepath: str | Path, weights_only: bool = False, storage_options: Any = None) -> None:  # type: ignore[override]
-        """Atomically write everything a resumed run needs."""
+        """Atomically write everything a resumed run needs, with its integrity check."""
+        checkpoints = RunCheckpoints(Path(filepath).parent)
+        checkpoints.latest = Path(filepath)
         assert self.server is not None
-        save_atomic(
-            {
-                "format": "sparsyfed-lightning/1",
-                "server": self.server.state_dict(),
-                "history": self.history,
-                "settings": self.settings(),
-            },
-            filepath,
-        )
+        checkpoints.save(self._checkpoint_content(), self.server.round)
 
     def settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
@@ -283,9 +337,80 @@ class FederatedTrainer(L.Trainer):
             "clients_per_round": self.clients_per_round,
             "local_epochs": self.local_epochs,
             "lr_final": self.lr_final,
+            "lr_decay_rounds": self._decay_horizon,
             "seed": self.seed,
             "optimizer_on_buffers": self.optimizer_on_buffers,
         }
+
+    # -- the round loop ----------------------------------------------------------------------------
+    def _run_rounds(self, datamodule: Any, engine: Any, files: RunFiles | None, stop: StopSignals) -> None:
+        server = self.server
+        assert server is not None
+        if self._resume_content is not None:
+            start = self._restore(self._resume_content) + 1
+            self._resume_content = None
+        else:
+            self.history = []
+            self._collapsed = set()
+            start = 1
+        if files is not None:
+            files.start(self.history)
+        if start == 1:
+            self._round_completed(self._evaluate({"round": 0}, datamodule), files)
+        with RoundProgress(self.rounds, start=start - 1, mode=self.progress_mode) as progress:
+            for round_index in range(start, self.rounds + 1):
+                if stop.requested:
+                    raise RoundAbandoned(f"stopped before round {round_index}")
+                metrics = self._run_round(round_index, engine, datamodule)
+                self._round_completed(metrics, files)
+                progress.update(metrics)
+
+    def _round_completed(self, metrics: dict[str, Any], files: RunFiles | None) -> None:
+        """Log a completed round, warn about newly collapsed layers, keep/write its checkpoint."""
+        self.history.append(metrics)
+        self._log_to_loggers(metrics)
+        self._warn_collapsed(metrics)
+        if files is not None:
+            assert self.server is not None
+            files.record(metrics, self.server.current_masks())
+            files.round_completed(metrics["round"], self._checkpoint_content())
+
+    def _stop(self, error: BaseException, files: RunFiles | None, stop: StopSignals) -> None:
+        """A run ends early: keep a checkpoint of the last completed round, and say why in one line."""
+        saved = None
+        if files is not None:
+            try:
+                saved = files.save_last_completed()
+            except OSError:  # e.g. the disk is full: the checkpoint already on disk stays the last good one
+                saved = files.checkpoints.saved_round
+        if stop.requested and isinstance(error, RoundAbandoned | SystemExit):
+            where = f"the checkpoint of round {saved} is in {self.run_dir}" if saved is not None else (
+                "no round was completed, nothing to resume" if files is not None else "no run_dir: nothing was saved")
+            how = f"; resume with {self._resume_command()}" if saved is not None else ""
+            raise RunInterrupted(f"interrupted by {signal_name(stop.signum)}; {where}{how}", stop.signum) from None  # type: ignore[arg-type]
+        if isinstance(error, RunFailedError) and saved is not None:
+            error.args = (f"{error.args[0]}; the checkpoint of the last good round ({saved}) is in {self.run_dir}",)
+
+    def _resume_command(self) -> str:
+        if self.resume_command is None:
+            return f"fit(..., ckpt_path='{self.run_dir}/{CHECKPOINT_NAME}')"
+        return self.resume_command
+
+    def _checkpoint_content(self) -> dict[str, Any]:
+        """What a checkpoint of the current (completed) round holds."""
+        assert self.server is not None
+        return {"server": self.server.state_dict(), "history": list(self.history), "settings": self.settings()}
+
+    def _warn_collapsed(self, metrics: dict[str, Any]) -> None:
+        new = [key for key in metrics.get("collapsed_layers", ()) if key not in self._collapsed]
+        if new:
+            self._collapsed.update(new)
+            print(
+                f"sparsyfed: warning: round {metrics['round']}: global magnitude pruning emptied "
+                f"{', '.join(_layer_name(k) for k in new)} (no weight left, the model cannot use it); "
+                "set method.min_layer_density (e.g. 0.001) to keep every layer alive",
+                file=sys.stderr,
+            )
 
     # -- internals -------------------------------------------------------------------------------
     def _check_one_device(self) -> None:
@@ -317,12 +442,20 @@ class FederatedTrainer(L.Trainer):
             optimizer_on_buffers=self.optimizer_on_buffers,
         )
 
-    def _build_engine(self, runner: ClientRunner, datamodule: Any) -> Any:
+    def _run_files(self) -> RunFiles | None:
+        if self.run_dir is None:
+            return None
+        return RunFiles(self.run_dir, self.rounds, self.checkpoint_every, self.mask_snapshot_every)
+
+    def _build_engine(self, runner: ClientRunner, datamodule: Any, stop: StopSignals) -> Any:
         if self.engine_name == "flower":
             from sparsyfed_lightning.federated.engines_flower import FlowerEngine
 
             return FlowerEngine(self, datamodule)
-        return InProcessEngine(runner, datamodule, self.seed, self._clients_per_stacked_fit(runner, datamodule))
+        return InProcessEngine(
+            runner, datamodule, self.seed, self._clients_per_stacked_fit(runner, datamodule),
+            retry_alone=self.accept_failures, should_stop=lambda: stop.requested,
+        )
 
     def _clients_per_stacked_fit(self, runner: ClientRunner, datamodule: Any) -> int:
         """`stack_clients` with "auto" resolved; 1 where stacking is unavailable (see its doc)."""
@@ -339,8 +472,8 @@ class FederatedTrainer(L.Trainer):
         return AUTO_STACK_CLIENTS if flops is not None and flops < STACK_ON_CPU_BELOW_FLOPS else 1
 
     def _client_lr(self, round_index: int, model: ClientModule) -> float:
-        total = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds
-        return exponential_lr(round_index, model.hparams.lr, self.lr_final, total)
+        assert self._decay_horizon is not None
+        return exponential_lr(round_index, model.hparams.lr, self.lr_final, self._decay_horizon)
 
     def _run_round(self, round_index: int, engine: Any, datamodule: Any) -> dict[str, Any]:
         server, runner = self.server, self.runner
@@ -353,10 +486,10 @@ class FederatedTrainer(L.Trainer):
         succeeded = len(clients) - len(failures)
         if failures and not self.accept_failures:
             cid, error = next(iter(failures.items()))
-            raise RuntimeError(f"round {round_index}: client {cid} failed ({error}); set "
-                               f"trainer.accept_failures=true to continue without it")
+            raise RunFailedError(f"round {round_index}: client {cid} failed ({error}); set "
+                                 f"trainer.accept_failures=true to continue without it")
         if succeeded < self.min_successful_clients:
-            raise RuntimeError(
+            raise RunFailedError(
                 f"round {round_index}: only {succeeded} of {len(clients)} clients succeeded, fewer than "
                 f"trainer.min_successful_clients={self.min_successful_clients}; failures: {failures}"
             )
@@ -389,49 +522,52 @@ class FederatedTrainer(L.Trainer):
             logger.log_metrics(numeric, step=metrics["round"])
             logger.save()
 
-    def _record(self, metrics: dict[str, Any]) -> None:
-        self.history.append(metrics)
-        self._log_to_loggers(metrics)
-        if self.run_dir is None:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS_NAME, "a") as handle:
-            handle.write(json.dumps(metrics, default=_json_default) + "\n")
-        every = self.mask_snapshot_every or max(1, self.rounds // 20)
-        round_index = metrics["round"]
-        if round_index % every == 0 or round_index == self.rounds:
-            assert self.server is not None
-            save_atomic(pack_masks(self.server.current_masks()), self.run_dir / "masks" / f"round_{round_index:05d}.pt")
+    def _load_resumable(self, ckpt_path: str) -> dict[str, Any]:
+        """Load and check a checkpoint to resume from; raises before anything is written."""
+        checkpoints = RunCheckpoints(Path(ckpt_path).parent)
+        try:
+            content = checkpoints.load(ckpt_path)
+        except CheckpointError as error:
+            raise CheckpointError(f"cannot resume: {error}; {checkpoints.resume_hint()}") from None
+        saved = content["settings"]
+        self._decay_horizon = self.lr_decay_rounds if self.lr_decay_rounds is not None else saved.get("lr_decay_rounds")
+        current = self.settings()
+        for key, value in current.items():
+            if key != "rounds" and saved.get(key) != value:
+                raise ValueError(
+                    f"cannot resume {ckpt_path}: trainer.{key} is {value!r} but the run used {saved.get(key)!r}"
+                )
+        done = int(content["server"]["round"])
+        if self.rounds < done:
+            raise ValueError(
+                f"trainer.rounds={self.rounds} is invalid for resuming {ckpt_path}: the run has already done "
+                f"{done} rounds (give trainer.rounds >= {done})"
+            )
+        return content
 
-    def _restore(self, ckpt_path: str) -> int:
+    def _restore(self, content: dict[str, Any]) -> int:
         assert self.server is not None
-        checkpoint = load_checkpoint(ckpt_path)
-        if checkpoint.get("format") != "sparsyfed-lightning/1":
-            raise ValueError(f"{ckpt_path} is not a sparsyfed-lightning checkpoint")
-        saved, current = checkpoint["settings"], self.settings()
-        differing = {k: (saved.get(k), v) for k, v in current.items() if k != "rounds" and saved.get(k) != v}
-        if differing:
-            key, (old, new) = next(iter(differing.items()))
-            raise ValueError(f"cannot resume {ckpt_path}: trainer.{key} is {new!r} but the run used {old!r}")
-        self.server.load_state_dict(checkpoint["server"])
-        self.history = checkpoint["history"]
+        self.server.load_state_dict(content["server"])
+        self.history = list(content["history"])
+        self._collapsed = {key for metrics in self.history for key in metrics.get("collapsed_layers", ())}
         for metrics in self.history:  # loggers that restart their files get the whole history again
             self._log_to_loggers(metrics)
-        if self.run_dir is not None:
-            # Rewrite metrics.jsonl from the checkpoint: rounds logged after it are recomputed.
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps(m, default=_json_default) + "\n" for m in self.history]
-            (self.run_dir / METRICS_NAME).write_text("".join(lines))
         return self.server.round
 
     def _evaluate_saved(self, model: Any, datamodule: Any, ckpt_path: str | None, verbose: bool) -> list[dict]:
-        if model is None or datamodule is None or ckpt_path is None:
-            raise ValueError("validate/test need a model, a datamodule and ckpt_path (a run's global_model.pt)")
+        if model is None or datamodule is None:
+            raise ValueError("validate/test need a model and a datamodule (and ckpt_path: a run's global_model.pt)")
+        if ckpt_path is None:
+            if self.server is None:
+                raise ValueError("validate/test without ckpt_path evaluate the global model of the last fit(); "
+                                 "call fit() first or pass ckpt_path (a run's global_model.pt)")
+            state = self.server.global_state
+        else:
+            state = load_model_state(ckpt_path)
         datamodule.setup("test")
         self._prepare(model)
         assert self.server is not None and self.runner is not None
-        saved = load_checkpoint(ckpt_path)
-        state = saved["server"]["global_state"] if isinstance(saved, dict) and "server" in saved else saved
+        check_state_fits_model(state, model.net.state_dict(), ckpt_path)
         self.server.global_state = state
         metrics = self.runner.evaluate(state, datamodule.test_dataloader())
         metrics.update(self.server.model_metrics())
@@ -440,9 +576,54 @@ class FederatedTrainer(L.Trainer):
         return [metrics]
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def check_model_fits_data(model: ClientModule, datamodule: Any) -> None:
+    """One forward pass of two zero samples shaped like the data: the model must take them and
+    return one logit per class. A one-line ValueError otherwise (before any round runs).
+
+    Data modules without an `input_shape` (duck-typed ones in tests) are not checked.
+    """
+    if not hasattr(type(datamodule), "input_shape"):
+        return
+    shape = tuple(datamodule.input_shape)
+    what = f"model.backbone={model.hparams.backbone!r}"
+    net = model.net
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            logits = net(torch.zeros(2, *shape, device=next(net.parameters()).device))
+    except Exception as error:  # noqa: BLE001 - any failure here is a model/data mismatch
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"{what} cannot take the inputs of data.dataset={datamodule.dataset!r} (one sample has shape {shape}): "
+            f"{first}; check model.backbone_kwargs (e.g. in_channels={shape[0]})"
+        ) from None
+    finally:
+        net.train(was_training)
+    if logits.dim() != 2 or logits.shape[1] != datamodule.num_classes:
+        raise ValueError(
+            f"{what} returns outputs of shape {tuple(logits.shape)} for a batch of 2, but data.dataset="
+            f"{datamodule.dataset!r} has {datamodule.num_classes} classes (expected (2, {datamodule.num_classes}))"
+        )
+
+
+def check_state_fits_model(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Any) -> None:
+    """A one-line CheckpointError when a saved global state does not match the model's state."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        if missing or unexpected:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        else:
+            key = wrong[0]
+            detail = f"{key} has shape {tuple(state[key].shape)}, the model {tuple(expected[key].shape)}"
+        raise CheckpointError(f"{source} does not fit the configured model and method ({detail})")
+
+
+def _layer_name(state_key: str) -> str:
+    """`layer3.0.conv1` for the stored-weight key `layer3.0.conv1.parametrizations.weight.original`."""
+    for suffix in (".parametrizations.weight.original", ".weight"):
+        if state_key.endswith(suffix):
+            return state_key[: -len(suffix)]
+    return state_key
