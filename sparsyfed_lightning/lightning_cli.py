@@ -40,7 +40,12 @@ from lightning.pytorch.loggers import CSVLogger
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.hub import DatasetUnavailableError
 from sparsyfed_lightning.data.module import FederatedDataModule
-from sparsyfed_lightning.federated.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, write_text_atomic
+from sparsyfed_lightning.federated.checkpoint import (
+    CHECKPOINT_NAME,
+    PREVIOUS_CHECKPOINT_NAME,
+    load_model_state,
+    write_text_atomic,
+)
 from sparsyfed_lightning.federated.errors import SparsyFedError, UsageError
 from sparsyfed_lightning.federated.rundir import MARKER_NAME, release_all
 from sparsyfed_lightning.federated.trainer import FederatedTrainer
@@ -62,6 +67,14 @@ class SparsyFedCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test (`predict` has no meaning for a federated run)."""
         return {key: value for key, value in LightningCLI.subcommands().items() if key != "predict"}
+
+    def _parse_ckpt_path(self) -> None:
+        """Verify a given `ckpt_path` early (Lightning would unpickle it to look for hyperparameters,
+        which this project's files do not carry)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and subcommand != "fit":
+            load_model_state(ckpt_path)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(Method, "method", default=lazy_instance(SparsyFed), required=False)
@@ -118,7 +131,8 @@ class SparsyFedCLI(LightningCLI):
             try:
                 saved_config = yaml.safe_load(saved.read_text())
             except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
-                raise UsageError(f"--resume {resume} is invalid; {saved} cannot be read: {_first_line(error)}") from None
+                reason = _first_line(error)
+                raise UsageError(f"--resume {resume} is invalid; {saved} cannot be read: {reason}") from None
             if not isinstance(saved_config, dict):
                 raise UsageError(f"--resume {resume} is invalid; {saved} is not a sparsyfed configuration")
             given = yaml.safe_load(self._dump(config))

@@ -202,7 +202,7 @@ def test_unknown_method_and_bad_settings_are_clear_errors():
     for method in (SparsyFed, SparsyFedSpectral):
         with pytest.raises(ValueError, match="method.threshold must be 'first_batch' or 'per_step', got 'always'"):
             method(threshold="always")
-    with pytest.raises(ValueError, match=r"method.sparsity must be in \[0, 1\), got 1.2"):
+    with pytest.raises(ValueError, match=r"method.sparsity must be a number in \[0, 1\), got 1.2"):
         TopK(1.2)
     with pytest.raises(ValueError, match="trainer.rounds must be an integer >= 1, got 0"):
         FederatedTrainer(rounds=0)

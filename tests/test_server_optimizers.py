@@ -204,7 +204,7 @@ def test_hyperparameter_validation_names_the_argument():
         (FedAdagrad, {"lr": -1.0}, "lr"),
     ]
     for cls, kwargs, name in cases:
-        with pytest.raises(ValueError, match=f"^{name} must"):
+        with pytest.raises(ValueError, match=f"^server_optimizer.{name} must"):
             cls(**kwargs)
 
 

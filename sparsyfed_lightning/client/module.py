@@ -11,6 +11,7 @@ step costs more than the arithmetic of the small models.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from sparsyfed_lightning.checks import check_integer, check_number
 from sparsyfed_lightning.models import MODELS, build_model
 
 
@@ -49,15 +51,26 @@ class ClientModule(L.LightningModule):
         super().__init__()
         if backbone not in MODELS:
             raise ValueError(f"model.backbone={backbone!r} is unknown; known: {', '.join(sorted(MODELS))}")
-        if lr <= 0:
-            raise ValueError(f"model.lr={lr!r} is invalid; it must be > 0")
-        if weight_decay < 0:
-            raise ValueError(f"model.weight_decay={weight_decay!r} is invalid; it must be >= 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"model.momentum={momentum!r} is invalid; it must be in [0, 1)")
+        check_number(lr, "model.lr", low=0, low_inclusive=False)
+        check_number(weight_decay, "model.weight_decay", low=0)
+        check_number(momentum, "model.momentum", low=0, high=1, high_inclusive=False)
+        check_integer(num_classes, "model.num_classes", minimum=1)
+        check_integer(init_seed, "model.init_seed", minimum=0)
         self.save_hyperparameters()
         self.lr = lr
-        self.net: nn.Module = build_model(backbone, num_classes, seed=init_seed, **(backbone_kwargs or {}))
+        try:
+            # Warnings of a build that fails (e.g. "Initializing zero-element tensors") are noise
+            # beside the error; those of a build that works are passed on.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.net: nn.Module = build_model(backbone, num_classes, seed=init_seed, **(backbone_kwargs or {}))
+        except Exception as error:  # noqa: BLE001 - any failure to build is a bad model configuration
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"model.backbone={backbone!r} with model.backbone_kwargs={backbone_kwargs!r} cannot be built: {reason}"
+            ) from None
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._train_loss_sum: torch.Tensor | None = None

@@ -27,6 +27,7 @@ set to zero and `q_k` renormalised. Reproduced here with these choices:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +48,7 @@ class Partition:
 
 def check_alpha(alpha: float) -> None:
     """Reject a Dirichlet concentration that is not a finite positive number."""
-    try:
-        valid = math.isfinite(float(alpha)) and float(alpha) > 0
-    except (TypeError, ValueError):
-        valid = False
+    valid = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0
     if not valid:
         raise ValueError(
             f"alpha={alpha!r} is invalid; the Dirichlet concentration must be a finite number > 0"

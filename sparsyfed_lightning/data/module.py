@@ -102,10 +102,10 @@ class FederatedDataModule(LightningDataModule):
             ("batch_size", batch_size),
             ("test_batch_size", test_batch_size),
         ):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} is invalid; it must be an integer >= 1")
         if samples_per_client is not None and (
-            not isinstance(samples_per_client, int) or samples_per_client < 1
+            isinstance(samples_per_client, bool) or not isinstance(samples_per_client, int) or samples_per_client < 1
         ):
             raise ValueError(
                 f"samples_per_client={samples_per_client!r} is invalid; it must be an integer >= 1 or null"
@@ -122,6 +122,7 @@ class FederatedDataModule(LightningDataModule):
             self.device = torch.device(device)
         except RuntimeError as err:
             raise ValueError(f"device={device!r} is invalid; use e.g. cpu, cuda, cuda:1") from err
+        check_device_available(self.device, "device")
         self.save_hyperparameters(ignore=None if isinstance(partitioner, str) else ["partitioner"])
 
         self.dataset = dataset
@@ -372,6 +373,19 @@ class FederatedDataModule(LightningDataModule):
         partition = compute()
         cache.save_arrays(file, _partition_to_arrays(partition))
         return partition
+
+
+def check_device_available(device: torch.device, key: str) -> None:
+    """A one-line ValueError when `device` does not exist on this machine (e.g. `cuda:7` with 2 GPUs)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{key}={str(device)!r} is invalid: this machine has no CUDA device; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{key}={str(device)!r} is invalid: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key}={str(device)!r} is invalid: MPS is not available on this machine; use cpu")
 
 
 def _partition_to_arrays(partition: Partition) -> dict[str, np.ndarray]:

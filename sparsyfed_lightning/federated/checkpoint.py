@@ -144,12 +144,16 @@ def load_verified(path: str | os.PathLike[str], kinds: tuple[str, ...]) -> tuple
         raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from error
     if not data:
         raise CheckpointError(f"{path} is empty (an interrupted copy or write?)")
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (truncated or corrupted file)")
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): {reason}") from error
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path} was refused by the safe loader (weights_only=True): {_unpickler_reason(error)}; "
+            "it holds objects other than tensors and plain data, and loading it could run code"
+        ) from error
+    except Exception as error:  # noqa: BLE001 - a corrupted archive or pickle fails in many ways
         raise CheckpointError(f"{path} is damaged or not a checkpoint (truncated or corrupted file)") from error
     if not isinstance(saved, dict) or saved.get("format") != FORMAT or "content" not in saved:
         found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
@@ -159,6 +163,16 @@ def load_verified(path: str | os.PathLike[str], kinds: tuple[str, ...]) -> tuple
     if content_digest(saved["content"]) != saved.get("sha256"):
         raise CheckpointError(f"{path} is damaged: its integrity check (SHA-256) does not match its content")
     return saved["kind"], saved["content"]
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The specific part of torch's weights-only refusal (e.g. `Unsupported global: GLOBAL posix.system`)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return (rest or (lines[index + 1] if index + 1 < len(lines) else "")).rstrip(".")
+    return lines[0] if lines else type(error).__name__
 
 
 def load_model_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -132,7 +132,7 @@ class ClientRunner:
         """
         bad = first_non_finite(state)
         if bad is not None:
-            raise NonFiniteError(f"client {cid} returned non-finite values (NaN/Inf) in {bad}")
+            raise NonFiniteError(f"its update has non-finite values (NaN/Inf) in {bad}")
         payload, stats = encode_state_with_stats(state)
         metrics = {"train_loss": train_loss, **self.method.client_stats(index)}
         return ClientResult(cid, num_samples, payload, stats, metrics)

@@ -10,6 +10,7 @@ from typing import Any
 from sparsyfed_lightning.data.loaders import batch_layout
 from sparsyfed_lightning.federated.client_runner import ClientResult, ClientRunner
 from sparsyfed_lightning.federated.codec import decode_state
+from sparsyfed_lightning.federated.errors import SparsyFedError
 from sparsyfed_lightning.federated.sampling import client_seed
 
 
@@ -140,6 +141,9 @@ class RoundAbandoned(Exception):
 
 
 def _describe(error: BaseException) -> str:
-    """A client failure as one line: the exception type and the first line of its message."""
+    """A client failure as one line: the exception type and the first line of its message (this
+    project's own errors are already phrased for the user and go without the type)."""
     text = str(error).strip().splitlines()
+    if text and isinstance(error, SparsyFedError):
+        return text[0]
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

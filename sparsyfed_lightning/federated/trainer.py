@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from sparsyfed_lightning.checks import check_flag, check_integer, check_number
 from sparsyfed_lightning.client.module import ClientModule
@@ -214,7 +215,14 @@ class FederatedTrainer(L.Trainer):
             if kwargs.get(key) is None:
                 kwargs[key] = False
         quiet_lightning()
-        super().__init__(**kwargs)
+        try:
+            super().__init__(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as error:
+            # e.g. accelerator="gpu" on a machine without one, devices=-1 on a CPU: Lightning's reason,
+            # named by the options that chose the device.
+            chosen = ", ".join(f"trainer.{k}={kwargs[k]!r}" for k in ("accelerator", "devices") if k in kwargs)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{chosen or 'the trainer options'} cannot be used on this machine: {reason}") from None
         self._check_one_device()
         self.history: list[dict[str, Any]] = []
         self.server: FederatedServer | None = None

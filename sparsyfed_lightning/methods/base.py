@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from sparsyfed_lightning.checks import check_number
 from sparsyfed_lightning.client.callbacks import EndOfFitPruning
 from sparsyfed_lightning.sparse import check_sparsity
 
@@ -42,6 +43,7 @@ class Method:
 
     def __init__(self, sparsity: float = 0.0, min_layer_density: float = 0.0) -> None:
         self.sparsity = check_sparsity(sparsity, "method.sparsity")
+        check_number(min_layer_density, "method.min_layer_density", low=0.0)
         if not 0.0 <= min_layer_density < 1.0 - self.sparsity:
             raise ValueError(
                 f"method.min_layer_density={min_layer_density!r} is invalid; it must be in "

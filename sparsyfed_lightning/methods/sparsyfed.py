@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning as L
 from torch import nn
 
+from sparsyfed_lightning.checks import check_flag, check_number
 from sparsyfed_lightning.client.callbacks import ActivationPruningCallback, EndOfFitPruning, FrozenSupportCallback
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.sparse import powerpropify
@@ -45,10 +45,8 @@ class SparsyFed(Method):
         min_layer_density: float = 0.0,
     ) -> None:
         super().__init__(sparsity=sparsity, min_layer_density=min_layer_density)
-        if not math.isfinite(beta) or beta < 1.0:
-            raise ValueError(f"method.beta must be a number >= 1, got {beta!r}")
-        self.beta = float(beta)
-        self.activation_pruning = activation_pruning
+        self.beta = check_number(beta, "method.beta", low=1.0)
+        self.activation_pruning = check_flag(activation_pruning, "method.activation_pruning")
         self.threshold = check_threshold(threshold)
 
     def prepare_model(self, net: nn.Module) -> nn.Module:

@@ -29,21 +29,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from sparsyfed_lightning.checks import check_number
 from sparsyfed_lightning.server.aggregation import check_same_keys
 
 
 def _check_lr(value: float, name: str = "lr") -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
+    return check_number(value, f"server_optimizer.{name}", low=0, low_inclusive=False)
 
 
 def _check_beta(value: float, name: str) -> float:
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
+    return check_number(value, f"server_optimizer.{name}", low=0, high=1, high_inclusive=False)
 
 
 class ServerOptimizer:

@@ -18,13 +18,12 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from sparsyfed_lightning.checks import check_number
+
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
-    """Return `sparsity` as a float if it lies in [0, 1), else raise a ValueError naming it."""
-    value = float(sparsity)
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
-    return value
+    """Return `sparsity` as a float if it is a number in [0, 1), else raise a ValueError naming it."""
+    return check_number(sparsity, name, low=0, high=1, high_inclusive=False)
 
 
 def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
