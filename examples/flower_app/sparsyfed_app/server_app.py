@@ -14,7 +14,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the whole federated loop here; the Flower engine sends each round's clients through `grid`."""
     run_dir = str(context.run_config["run-dir"])
-    args = ["fit", *config_args(context), "--trainer.run_dir", run_dir, "--overwrite", "true"]
+    args = ["fit", *config_args(context), "--trainer.run_dir", run_dir, "--overwrite"]
     with attach_grid(grid), own_argv():
         status = cli.main(args)
     if status != 0:

@@ -38,7 +38,7 @@ def own_argv() -> Iterator[None]:
 
 def client_spec(context: Context) -> ClientSpec:
     """The client side of the run, built from the same config the ServerApp runs (no live objects cross)."""
-    from sparsyfed_lightning.cli import SparsyFedCLI
+    from sparsyfed_lightning.lightning_cli import SparsyFedCLI
 
     with own_argv():
         cli = SparsyFedCLI(
