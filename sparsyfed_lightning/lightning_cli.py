@@ -40,6 +40,7 @@ from lightning.pytorch.loggers import CSVLogger
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.hub import DatasetUnavailableError
 from sparsyfed_lightning.data.module import FederatedDataModule
+from sparsyfed_lightning.federated import ddp
 from sparsyfed_lightning.federated.checkpoint import (
     CHECKPOINT_NAME,
     PREVIOUS_CHECKPOINT_NAME,
@@ -104,6 +105,8 @@ class SparsyFedCLI(LightningCLI):
             trainer.overwrite = True
         # Every check (data, model against data, checkpoint, run directory) before anything is written.
         trainer.prepare_run(self.model, self.datamodule, self._ckpt_path)  # type: ignore[arg-type]
+        if not trainer.is_writer:  # a DDP rank other than 0: rank 0 writes the run directory
+            return
         if config.get("trainer", {}).get("lr_decay_rounds") is None:
             config["trainer"]["lr_decay_rounds"] = trainer.settings()["lr_decay_rounds"]  # fixed at the start
         write_text_atomic(self._dump(config), run_dir / CONFIG_NAME)
@@ -233,9 +236,17 @@ def _parser_reason(lines: list[str]) -> str:
     return lines[0] if lines else "invalid value"
 
 
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"sparsyfed: error: {message}", file=sys.stderr)
+
+
 def run_lightning_cli(args: list[str] | None) -> int:
     """Run `fit`/`validate`/`test`; return the exit status (one line on stderr for every error)."""
     shown = sys.argv[1:] if args is None else args
+    if args is not None:  # DDP ranks 1..N-1 run this command, not the caller's own sys.argv
+        ddp.RELAUNCH_COMMAND = [sys.executable, "-m", "sparsyfed_lightning.cli", *args]
+    quiet = ddp.local_rank() != 0  # DDP ranks other than 0 leave the messages to rank 0
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run.*")
     try:
         SparsyFedCLI(
@@ -252,19 +263,19 @@ def run_lightning_cli(args: list[str] | None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
     except KeyboardInterrupt:
-        print("sparsyfed: error: interrupted (a second Ctrl-C stops at once, without a checkpoint)", file=sys.stderr)
+        _say("interrupted (a second Ctrl-C stops at once, without a checkpoint)", quiet)
         return 130
     except SparsyFedError as error:
-        print(f"sparsyfed: error: {_first_line(error)}", file=sys.stderr)
+        _say(_first_line(error), quiet)
         return error.exit_status
     except (ValueError, FileNotFoundError, DatasetUnavailableError) as error:
-        print(f"sparsyfed: error: {_one_line(error, shown)}", file=sys.stderr)
+        _say(_one_line(error, shown), quiet)
         return 2
     except Exception as error:
         from jsonargparse import ArgumentError
 
         if isinstance(error, ArgumentError) or type(error).__name__ == "ArgumentError":
-            print(f"sparsyfed: error: {_one_line(error, shown)}", file=sys.stderr)
+            _say(_one_line(error, shown), quiet)
             return 2
         raise
     finally:

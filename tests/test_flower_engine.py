@@ -279,8 +279,8 @@ def test_options_are_validated_with_clear_errors(tmp_path, monkeypatch):
         FlowerConfig(routing="nearest")
     with pytest.raises(ValueError, match="flower.round_timeout_s must be > 0"):
         FlowerConfig(round_timeout_s=0)
-    with pytest.raises(ValueError, match="trainer.devices=2 .* is not supported: each client's fit runs on one device"):
-        FederatedTrainer(accelerator="cpu", devices=2)
+    with pytest.raises(ValueError, match="trainer.devices=2 is not supported with trainer.engine='flower'"):
+        FederatedTrainer(engine="flower", accelerator="cpu", devices=2)
     assert FederatedTrainer(accelerator="cpu").num_devices == 1
     # GPU clients in a simulation need GPUs reserved by Ray
     datamodule = FederatedDataModule("digits", num_clients=2, cache_dir=str(tmp_path))

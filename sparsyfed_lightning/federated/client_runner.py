@@ -31,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import StackedBatchLoader
+from sparsyfed_lightning.federated import ddp
 from sparsyfed_lightning.federated.codec import MessageStats, decode_state, encode_state_with_stats
+from sparsyfed_lightning.federated.ddp import ShardedBatchLoader
 from sparsyfed_lightning.federated.errors import NonFiniteError
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.models.stacked import stack_network, stack_states, unstack_state
@@ -77,27 +79,41 @@ class ClientRunner:
         module: the client LightningModule (its `net` already prepared by the method).
         method: the method whose client callbacks run in every fit.
         local_epochs: epochs per client fit.
+        eval_trainer_kwargs: the evaluation Trainer's device arguments when they differ from the
+            fits' (DDP fits run on every rank's device; each rank evaluates on its own device).
         trainer_kwargs: passed to the inner `lightning.Trainer` (accelerator, devices, precision...).
+            With `strategy="ddp"` every fit is data-parallel over the ranks (`ddp.py`): each rank
+            takes its share of every batch, and BatchNorm statistics and the loss are averaged.
     """
 
     def __init__(
-        self, module: ClientModule, method: Method, local_epochs: int = 1, **trainer_kwargs: Any
+        self,
+        module: ClientModule,
+        method: Method,
+        local_epochs: int = 1,
+        eval_trainer_kwargs: dict[str, Any] | None = None,
+        **trainer_kwargs: Any,
     ) -> None:
         quiet_lightning()
         self.module = module
         self.method = method
         self.local_epochs = local_epochs
         self.trainer_kwargs = trainer_kwargs
+        self.distributed = trainer_kwargs.get("strategy") == "ddp"
         self.trainer = self._fit_trainer()
         self._stacked: dict[int, tuple[ClientModule, L.Trainer]] = {}
         self._stacking_refused: str | None = None
         self._plain_net: torch.nn.Module | None = None
+        eval_kwargs = {**trainer_kwargs, **(eval_trainer_kwargs or {})}
+        eval_kwargs.pop("sync_batchnorm", None)
+        if self.distributed:
+            eval_kwargs.pop("strategy")
         self.eval_trainer = L.Trainer(
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            **trainer_kwargs,
+            **eval_kwargs,
         )
 
     def _fit_trainer(self) -> L.Trainer:
@@ -112,8 +128,15 @@ class ClientRunner:
     ) -> ClientResult:
         """Train client `cid` from `global_state`; return its encoded model (the uplink message)."""
         self.load(global_state)
-        self._fit_epochs(self.module, self.trainer, loader, lr, seed)
-        return self._result(cid, 0, state_on_cpu(self.module.net), loader.num_samples, self.module.mean_train_loss())
+        if not self.distributed:
+            self._fit_epochs(self.module, self.trainer, loader, lr, seed)
+            loss = self.module.mean_train_loss()
+        else:
+            shard = ShardedBatchLoader(loader, ddp.local_rank(), ddp.world_size())
+            self._fit_epochs(self.module, self.trainer, shard, lr, seed)
+            ddp.average_buffers(self.module.net)  # BatchNorm statistics of each rank's share: the ranks' mean
+            loss = ddp.mean_over_ranks(self.module.mean_train_loss())
+        return self._result(cid, 0, state_on_cpu(self.module.net), loader.num_samples, loss)
 
     def _fit_epochs(self, module: ClientModule, trainer: L.Trainer, loader: Any, lr: float, seed: int) -> None:
         """Run `local_epochs` more epochs of `module` on its reused `trainer`, from a seeded start."""
@@ -176,9 +199,10 @@ class ClientRunner:
     def can_stack(self) -> bool:
         """Whether `fit_stacked` is available: the method supports it and the model's layers stack.
 
-        Gradient clipping rules it out: the norm would be taken over all stacked clients together.
+        Gradient clipping rules it out: the norm would be taken over all stacked clients together;
+        so does DDP (its use is few clients with much data, where stacking has nothing to gain).
         """
-        if not self.method.supports_stacking or self.trainer_kwargs.get("gradient_clip_val"):
+        if not self.method.supports_stacking or self.trainer_kwargs.get("gradient_clip_val") or self.distributed:
             return False
         if self._stacking_refused is None:
             try:

@@ -4,7 +4,7 @@ other on one `ClientRunner`; the Flower engine (`engines_flower`) runs the same 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sparsyfed_lightning.data.loaders import batch_layout
@@ -75,10 +75,7 @@ class InProcessEngine:
         next_index = 0
         groups = self._groups(loaders)
         self.largest_fit = max(map(len, groups), default=0)
-        for group in groups:
-            if self.should_stop():
-                raise RoundAbandoned(f"round {round_index} abandoned before client {group[0]}")
-            outcomes = self._fit_group(group, received, loaders, lr, seeds)
+        for outcomes in self._fit_groups(round_index, groups, downlink, received, loaders, lr, seeds):
             for cid, outcome in outcomes.items():
                 if isinstance(outcome, ClientResult):
                     pending[cid] = outcome
@@ -92,35 +89,15 @@ class InProcessEngine:
                 next_index += 1
         return failures
 
-    def _fit_group(
-        self, group: list[int], received: dict[str, Any], loaders: dict[int, Any], lr: float, seeds: dict[int, int]
-    ) -> dict[int, ClientResult | str]:
-        """Fit one group of clients; each client's result or its error message."""
-        if len(group) == 1:
-            cid = group[0]
-            try:
-                return {cid: self.runner.fit(cid, received, loaders[cid], lr, seeds[cid])}
-            except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
-                return {cid: _describe(error)}
-        try:
-            group_loaders, group_seeds = [loaders[c] for c in group], [seeds[c] for c in group]
-            fitted = self.runner.fit_stacked(group, received, group_loaders, lr, group_seeds)
-        except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
-            if self.retry_alone:  # find the client that fails; the others go on (results equal up to rounding)
-                outcomes: dict[int, ClientResult | str] = {}
-                for cid in group:
-                    if self.should_stop():
-                        raise RoundAbandoned(f"round abandoned before client {cid}") from error
-                    outcomes.update(self._fit_group([cid], received, loaders, lr, seeds))
-                return outcomes
-            # e.g. out of memory: say how to train them one at a time
-            message = (f"{_describe(error)} (in a fit of {len(group)} stacked clients; "
-                       "trainer.stack_clients=1 fits them alone)")
-            return dict.fromkeys(group, message)
-        return {
-            cid: outcome if isinstance(outcome, ClientResult) else _describe(outcome)
-            for cid, outcome in zip(group, fitted, strict=True)
-        }
+    def _fit_groups(
+        self, round_index: int, groups: list[list[int]], downlink: bytes, received: dict[str, Any],
+        loaders: dict[int, Any], lr: float, seeds: dict[int, int],
+    ) -> Iterator[dict[int, ClientResult | str]]:
+        """Fit the groups; yield each group's outcomes as it finishes (here: one after the other)."""
+        for group in groups:
+            if self.should_stop():
+                raise RoundAbandoned(f"round {round_index} abandoned before client {group[0]}")
+            yield fit_client_group(self.runner, group, received, loaders, lr, seeds, self.retry_alone, self.should_stop)
 
     def _groups(self, loaders: dict[int, Any]) -> list[list[int]]:
         """Clients in groups of at most `stack_clients` with the same batch layout, in sampling order."""
@@ -134,6 +111,49 @@ class InProcessEngine:
         for members in by_layout.values():
             groups += [members[i : i + self.stack_clients] for i in range(0, len(members), self.stack_clients)]
         return groups
+
+
+def fit_client_group(
+    runner: ClientRunner,
+    group: list[int],
+    received: dict[str, Any],
+    loaders: dict[int, Any],
+    lr: float,
+    seeds: dict[int, int],
+    retry_alone: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[int, ClientResult | str]:
+    """Fit one group of clients (stacked when it has several); each client's result or error message.
+
+    A stacked fit that raises fails every client of the group, unless `retry_alone`: then its
+    clients are fitted again one at a time, so only the one that fails is a failure (the others'
+    results equal the stacked ones up to float rounding). A stacked client that diverges fails alone.
+    """
+    if len(group) == 1:
+        cid = group[0]
+        try:
+            return {cid: runner.fit(cid, received, loaders[cid], lr, seeds[cid])}
+        except Exception as error:  # noqa: BLE001 - the accept-failures policy decides
+            return {cid: _describe(error)}
+    try:
+        group_loaders, group_seeds = [loaders[c] for c in group], [seeds[c] for c in group]
+        fitted = runner.fit_stacked(group, received, group_loaders, lr, group_seeds)
+    except Exception as error:  # noqa: BLE001 - a stacked fit fails for all of its clients
+        if retry_alone:
+            outcomes: dict[int, ClientResult | str] = {}
+            for cid in group:
+                if should_stop is not None and should_stop():
+                    raise RoundAbandoned(f"round abandoned before client {cid}") from error
+                outcomes.update(fit_client_group(runner, [cid], received, loaders, lr, seeds))
+            return outcomes
+        # e.g. out of memory: say how to train them one at a time
+        message = (f"{_describe(error)} (in a fit of {len(group)} stacked clients; "
+                   "trainer.stack_clients=1 fits them alone)")
+        return dict.fromkeys(group, message)
+    return {
+        cid: outcome if isinstance(outcome, ClientResult) else _describe(outcome)
+        for cid, outcome in zip(group, fitted, strict=True)
+    }
 
 
 class RoundAbandoned(Exception):

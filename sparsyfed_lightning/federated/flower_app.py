@@ -25,20 +25,23 @@ Heavy imports (torch, Lightning) happen inside the handlers: a `query` needs non
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from sparsyfed_lightning.federated.client_spec import ClientSpec, ClientWorker, constructor_kwargs
+
 if TYPE_CHECKING:
     from sparsyfed_lightning.federated.client_runner import ClientResult
+
+__all__ = ["ClientSpec", "ClientWorker", "constructor_kwargs", "make_client_app", "attach_grid"]
 
 CODEC_STYPE = "sparsyfed_lightning.codec"
 TRAIN = "train"
@@ -49,97 +52,7 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# What a client process needs to train: picklable construction arguments, not live objects
-
-
-def constructor_kwargs(obj: Any) -> dict[str, Any]:
-    """The keyword arguments that rebuild `obj`: Lightning `hparams` first, then same-named attributes.
-
-    Methods, `ClientModule` and `FederatedDataModule` follow the convention that every constructor
-    argument is kept as a hyperparameter or an attribute of the same name (what LightningCLI needs
-    too); an argument found in neither place is an error rather than a silent default.
-    """
-    hparams = dict(getattr(obj, "hparams", {}) or {})
-    kwargs: dict[str, Any] = {}
-    for name, parameter in inspect.signature(type(obj).__init__).parameters.items():
-        if name == "self" or parameter.kind is inspect.Parameter.VAR_POSITIONAL:
-            continue
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            kwargs.update({k: v for k, v in hparams.items() if k not in kwargs})
-            continue
-        if name in hparams:
-            kwargs[name] = hparams[name]
-        elif hasattr(obj, name):
-            kwargs[name] = getattr(obj, name)
-        else:
-            raise ValueError(
-                f"engine='flower' rebuilds {type(obj).__name__} in each client process, but its constructor "
-                f"argument {name!r} is neither a hyperparameter nor an attribute of the same name"
-            )
-    return kwargs
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    """How to build one client side (data, model, method, runner) in another process.
-
-    Args:
-        model_class / model_kwargs: the `ClientModule` (or subclass) and its constructor arguments.
-        method_class / method_kwargs: the `Method` and its constructor arguments.
-        data_class / data_kwargs: the `FederatedDataModule` (or compatible) and its arguments.
-        local_epochs: epochs per client fit.
-        trainer_kwargs: the client Trainer's arguments (accelerator, precision, ...).
-        key: identifies the run; a process rebuilds its client side when the key changes.
-    """
-
-    model_class: type
-    model_kwargs: dict[str, Any]
-    method_class: type
-    method_kwargs: dict[str, Any]
-    data_class: type
-    data_kwargs: dict[str, Any]
-    local_epochs: int = 1
-    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
-    key: str = ""
-
-    @classmethod
-    def from_objects(
-        cls, model: Any, method: Any, datamodule: Any, local_epochs: int, trainer_kwargs: dict[str, Any], key: str
-    ) -> ClientSpec:
-        """Capture the construction arguments of live objects (their state is not shipped)."""
-        return cls(
-            type(model), constructor_kwargs(model),
-            type(method), constructor_kwargs(method),
-            type(datamodule), constructor_kwargs(datamodule),
-            local_epochs, dict(trainer_kwargs), key,
-        )
-
-
-class ClientWorker:
-    """The client side of one run inside one process: built once, reused for every message."""
-
-    def __init__(self, spec: ClientSpec) -> None:
-        from sparsyfed_lightning.federated.client_runner import ClientRunner
-
-        self.spec = spec
-        self.datamodule = spec.data_class(**spec.data_kwargs)
-        self.datamodule.setup("fit")
-        self.method = spec.method_class(**spec.method_kwargs)
-        model = spec.model_class(**spec.model_kwargs)
-        model.net = self.method.prepare_model(model.net)
-        model._federated_prepared = True  # the flag FederatedTrainer checks before wrapping
-        self.runner = ClientRunner(model, self.method, spec.local_epochs, **spec.trainer_kwargs)
-
-    def fit(self, round_index: int, cid: int, downlink: bytes, lr: float, seed: int) -> ClientResult:
-        """Train client `cid` of round `round_index` exactly as the in-process engine does."""
-        from sparsyfed_lightning.federated.codec import decode_state
-
-        # Client-side method state that depends on the round (e.g. FLASH's masking from round 2) is
-        # set by the server's `on_round_start` in-process; this process's method copy needs it too.
-        self.method.on_round_start(round_index)
-        loader = self.datamodule.client_train_dataloader(cid, seed=seed)
-        return self.runner.fit(cid, decode_state(downlink), loader, lr, seed)
-
+# The client side of a ClientApp process (built once per run, see `client_spec.ClientWorker`)
 
 _worker_lock = threading.Lock()
 _worker: ClientWorker | None = None

@@ -23,6 +23,7 @@ a checkpoint of the last completed round (`signals.py`), and every stop raises a
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from sparsyfed_lightning.checks import check_flag, check_integer, check_number
 from sparsyfed_lightning.client.module import ClientModule
-from sparsyfed_lightning.federated.checkpoint import CHECKPOINT_NAME, RunCheckpoints, load_model_state
+from sparsyfed_lightning.federated import ddp
+from sparsyfed_lightning.federated.checkpoint import CHECKPOINT_NAME, RunCheckpoints, content_digest, load_model_state
 from sparsyfed_lightning.federated.client_runner import ClientRunner, quiet_lightning, state_on_cpu
+from sparsyfed_lightning.federated.client_spec import ClientSpec
 from sparsyfed_lightning.federated.compat import check_model_fits_data, check_state_fits_model
+from sparsyfed_lightning.federated.devices import plan_devices
 from sparsyfed_lightning.federated.engines import InProcessEngine, RoundAbandoned
 from sparsyfed_lightning.federated.engines_flower import FlowerConfig, require_flower
 from sparsyfed_lightning.federated.errors import CheckpointError, RunFailedError, RunInterrupted
@@ -66,6 +70,7 @@ _CLIENT_TRAINER_KEYS = (
     "gradient_clip_algorithm",
     "accumulate_grad_batches",
     "limit_train_batches",
+    "sync_batchnorm",
 )
 # `stack_clients: auto`. On a GPU stacking pays (DESIGN.md: ResNet-18, 10 clients, 5x faster on an
 # H200). On a CPU grouped convolutions run slower than plain ones, which only the per-step overhead
@@ -117,6 +122,13 @@ class FederatedTrainer(L.Trainer):
             stacked, with gradient clipping, and on the Flower engine.
         flower: options of the Flower engine (client resources, routing, timeouts).
         progress: "auto" (a bar on a terminal, lines otherwise), "rich", "plain" or "none".
+        num_threads: torch CPU threads of this process and of each device worker (None: torch's default
+            here, one per worker on a CPU). Set it when other processes share the CPU: torch's default
+            of one thread per core makes two busy processes slow each other down 5-100x.
+        devices / strategy: Lightning's; they choose how several devices are used (`devices.py`):
+            `devices: N` trains the round's clients in parallel, one worker process per device, with
+            results identical to one device; `devices: N` with `strategy: ddp` runs each client's fit
+            data-parallel over the devices (`ddp.py`).
     """
 
     def __init__(
@@ -144,6 +156,7 @@ class FederatedTrainer(L.Trainer):
         stack_clients: int | Literal["auto"] = "auto",
         flower: FlowerConfig | None = None,
         progress: ProgressMode = "auto",
+        num_threads: int | None = None,
         **kwargs: Any,
     ) -> None:
         for name, value, minimum in (
@@ -205,11 +218,9 @@ class FederatedTrainer(L.Trainer):
         self.flower = flower if flower is not None else FlowerConfig()
         self.optimizer_on_buffers = optimizer_on_buffers
         self.progress_mode = progress
-        # A client fit runs on one device (see _check_one_device), so "auto" means one device here
-        # instead of every visible GPU.
-        if kwargs.get("devices", "auto") == "auto":
-            kwargs["devices"] = 1
-        self.client_trainer_kwargs = {k: kwargs[k] for k in _CLIENT_TRAINER_KEYS if k in kwargs}
+        if num_threads is not None:
+            check_integer(num_threads, "trainer.num_threads", minimum=1)
+        self.num_threads = num_threads
         # The round loop logs, checkpoints and reports progress itself; Lightning's own versions of
         # these belong to single fits. None (what LightningCLI passes for "unset") means off too.
         for key in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"):
@@ -217,14 +228,25 @@ class FederatedTrainer(L.Trainer):
                 kwargs[key] = False
         quiet_lightning()
         try:
+            self.device_plan = plan_devices(
+                kwargs.get("accelerator", "auto"), kwargs.get("devices", "auto"), kwargs.get("strategy", "auto"),
+                kwargs.get("num_nodes", 1),
+            )
+            if self.device_plan.mode != "ddp":  # Lightning's Trainer sees one device; workers take the others
+                kwargs["devices"] = self.device_plan.slot_devices(0)
             super().__init__(**kwargs)
-        except (MisconfigurationException, ValueError, TypeError) as error:
+        except (MisconfigurationException, TypeError) as error:
             # e.g. accelerator="gpu" on a machine without one, devices=-1 on a CPU: Lightning's reason,
             # named by the options that chose the device.
             chosen = ", ".join(f"trainer.{k}={kwargs[k]!r}" for k in ("accelerator", "devices") if k in kwargs)
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(f"{chosen or 'the trainer options'} cannot be used on this machine: {reason}") from None
-        self._check_one_device()
+        if engine == "flower" and self.device_plan.mode != "single":
+            raise ValueError(
+                f"trainer.devices={self.device_plan.count} is not supported with trainer.engine='flower'; use "
+                "flower.num_gpus/num_cpus per client (docs/FLOWER.md), or the in-process engine"
+            )
+        self.client_trainer_kwargs = self._client_trainer_kwargs(kwargs)
         self.history: list[dict[str, Any]] = []
         self.server: FederatedServer | None = None
         self.runner: ClientRunner | None = None
@@ -255,15 +277,31 @@ class FederatedTrainer(L.Trainer):
         """
         if datamodule is None:
             raise ValueError("FederatedTrainer.fit needs datamodule=FederatedDataModule(...)")
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         if self._prepared != (id(model), id(datamodule), ckpt_path):
             self.prepare_run(model, datamodule, ckpt_path)
         self._prepared = None
+        if self.device_plan.mode != "ddp":
+            self._fit(model, datamodule)
+            return
+        children = ddp.launch_ranks(self.device_plan.count)  # rank 0 starts the others (see ddp.py)
+        try:
+            ddp.init_process_group(self.device_plan.accelerator, self.device_plan.count)
+            self._fit(model, datamodule)
+        finally:
+            codes = ddp.finish(children)
+        failed = [(rank, code) for rank, code in enumerate(codes, start=1) if code != 0]
+        if failed:
+            raise RunFailedError(f"DDP rank {failed[0][0]} exited with status {failed[0][1]} (rank 0 finished)")
+
+    def _fit(self, model: ClientModule, datamodule: Any) -> None:
         server, runner = self.server, self.runner
         assert server is not None and runner is not None
         files = self._run_files()
         try:
             with StopSignals(on_signal=runner.request_stop) as stop:
-                engine = self._build_engine(runner, datamodule, stop)
+                engine = self._build_engine(model, runner, datamodule, stop)
                 try:
                     self._run_rounds(datamodule, engine, files, stop)
                 except BaseException as error:
@@ -297,7 +335,7 @@ class FederatedTrainer(L.Trainer):
             self._resume_content = self._load_resumable(ckpt_path)
         else:
             self._decay_horizon = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_writer:
             self._run_dir_handle = RunDirectory.claim(
                 self.run_dir, resume=ckpt_path is not None, overwrite=self.overwrite,
                 resume_hint=self.resume_hint, overwrite_hint=self.overwrite_hint,
@@ -314,6 +352,11 @@ class FederatedTrainer(L.Trainer):
              verbose: bool = True, datamodule: Any = None, weights_only: bool | None = None) -> list[dict]:
         """Same as `validate`: the central test set is the only held-out set."""
         return self._evaluate_saved(model, datamodule, ckpt_path, verbose)
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run directory and prints (false on DDP ranks other than 0)."""
+        return self.device_plan.mode != "ddp" or ddp.local_rank() == 0
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Reject a data module the run cannot sample from (needs only its configuration)."""
@@ -366,13 +409,28 @@ class FederatedTrainer(L.Trainer):
             files.start(self.history)
         if start == 1:
             self._round_completed(self._evaluate({"round": 0}, datamodule), files)
-        with RoundProgress(self.rounds, start=start - 1, mode=self.progress_mode) as progress:
+        progress_mode = self.progress_mode if self.is_writer else "none"
+        with RoundProgress(self.rounds, start=start - 1, mode=progress_mode) as progress:
             for round_index in range(start, self.rounds + 1):
-                if stop.requested:
+                if ddp.any_rank(stop.requested):  # DDP: every rank stops at the same round
+                    stop.request(stop.signum or signal.SIGTERM)
                     raise RoundAbandoned(f"stopped before round {round_index}")
                 metrics = self._run_round(round_index, engine, datamodule)
+                if self.device_plan.mode == "ddp":
+                    self._check_ranks_agree(round_index)
                 self._round_completed(metrics, files)
                 progress.update(metrics)
+
+    def _check_ranks_agree(self, round_index: int) -> None:
+        """DDP: every rank must hold the same global model after every round (a SHA-256 per rank)."""
+        assert self.server is not None
+        digests = ddp.gather_strings(content_digest(self.server.global_state))
+        if len(set(digests)) > 1:
+            differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+            raise RunFailedError(
+                f"round {round_index}: DDP ranks {differing} hold a different global model than rank 0 (the fits "
+                "were not identical across ranks; a non-deterministic operation on some device?)"
+            )
 
     def _round_completed(self, metrics: dict[str, Any], files: RunFiles | None) -> None:
         """Log a completed round, warn about newly collapsed layers, keep/write its checkpoint."""
@@ -392,6 +450,8 @@ class FederatedTrainer(L.Trainer):
                 saved = files.save_last_completed()
             except OSError:  # e.g. the disk is full: the checkpoint already on disk stays the last good one
                 saved = files.checkpoints.saved_round
+        if not self.is_writer and isinstance(error, SystemExit) and not stop.requested:
+            stop.request(signal.SIGTERM)  # rank 0 got the signal; Lightning stopped this rank's fit with it
         if stop.requested and isinstance(error, RoundAbandoned | SystemExit):
             where = f"the checkpoint of round {saved} is in {self.run_dir}" if saved is not None else (
                 "no round was completed, nothing to resume" if files is not None else "no run_dir: nothing was saved")
@@ -412,7 +472,7 @@ class FederatedTrainer(L.Trainer):
 
     def _warn_collapsed(self, metrics: dict[str, Any]) -> None:
         new = [key for key in metrics.get("collapsed_layers", ()) if key not in self._collapsed]
-        if new:
+        if new and self.is_writer:
             self._collapsed.update(new)
             print(
                 f"sparsyfed: warning: round {metrics['round']}: global magnitude pruning emptied "
@@ -422,24 +482,26 @@ class FederatedTrainer(L.Trainer):
             )
 
     # -- internals -------------------------------------------------------------------------------
-    def _check_one_device(self) -> None:
-        # Lightning's multi-device strategies cannot serve a client fit: DDP's launcher re-runs the
-        # whole script (every rank would run the federated loop), and the client loaders are in-memory
-        # `TensorBatchLoader`s, not DataLoaders Lightning could shard, so every rank would train on the
-        # whole client partition. Several GPUs are used by training several clients in parallel.
-        if self.num_devices > 1 or self.num_nodes > 1:
-            raise ValueError(
-                f"trainer.devices={self.num_devices} (num_nodes={self.num_nodes}) is not supported: each client's "
-                "fit runs on one device (Lightning's DDP would re-launch the federated loop in every rank and "
-                "cannot shard the in-memory client loaders); use devices=1, and engine='flower' with "
-                "flower.num_gpus per client to train clients in parallel on several GPUs"
-            )
+    def _client_trainer_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The client Trainers' arguments: every key that shapes a fit, on this process's device(s)."""
+        chosen = {k: kwargs[k] for k in _CLIENT_TRAINER_KEYS if k in kwargs}
+        plan = self.device_plan
+        chosen["accelerator"] = plan.accelerator
+        if plan.mode == "ddp":
+            chosen.update(strategy="ddp", devices=plan.count)
+        else:
+            chosen.pop("strategy", None)
+            chosen["devices"] = plan.slot_devices(0)
+        return chosen
 
     def _prepare(self, model: ClientModule) -> None:
         if not getattr(model, "_federated_prepared", False):
             model.net = self.method.prepare_model(model.net)
             model._federated_prepared = True  # type: ignore[attr-defined]
-        self.runner = ClientRunner(model, self.method, self.local_epochs, **self.client_trainer_kwargs)
+        eval_kwargs = None
+        if self.device_plan.mode == "ddp":  # each rank evaluates alone, on its own device
+            eval_kwargs = {"devices": self.device_plan.slot_devices(ddp.local_rank())}
+        self.runner = ClientRunner(model, self.method, self.local_epochs, eval_kwargs, **self.client_trainer_kwargs)
         global_state = state_on_cpu(model.net)
         self.server = FederatedServer(
             global_state,
@@ -452,18 +514,33 @@ class FederatedTrainer(L.Trainer):
         )
 
     def _run_files(self) -> RunFiles | None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.is_writer:
             return None
         return RunFiles(self.run_dir, self.rounds, self.checkpoint_every, self.mask_snapshot_every)
 
-    def _build_engine(self, runner: ClientRunner, datamodule: Any, stop: StopSignals) -> Any:
+    def _build_engine(self, model: ClientModule, runner: ClientRunner, datamodule: Any, stop: StopSignals) -> Any:
         if self.engine_name == "flower":
             from sparsyfed_lightning.federated.engines_flower import FlowerEngine
 
             return FlowerEngine(self, datamodule)
+        stack = self._clients_per_stacked_fit(runner, datamodule)
+        plan = self.device_plan
+        if plan.mode == "clients":
+            from sparsyfed_lightning.federated.device_workers import DeviceWorkerPool, DeviceWorkersEngine
+
+            spec = ClientSpec.from_objects(
+                model, self.method, datamodule, self.local_epochs, self.client_trainer_kwargs, key="device-workers"
+            )
+            threads = self.num_threads or (1 if plan.accelerator == "cpu" else None)
+            return DeviceWorkersEngine(
+                DeviceWorkerPool(spec, plan, threads), runner, datamodule, self.seed, stack,
+                retry_alone=self.accept_failures, should_stop=lambda: stop.requested,
+            )
+        # DDP ranks must stop together: only at round boundaries (agreed in `_run_rounds`) and, inside a
+        # fit, where Lightning broadcasts rank 0's SIGTERM flag at every batch.
+        should_stop = (lambda: False) if plan.mode == "ddp" else (lambda: stop.requested)
         return InProcessEngine(
-            runner, datamodule, self.seed, self._clients_per_stacked_fit(runner, datamodule),
-            retry_alone=self.accept_failures, should_stop=lambda: stop.requested,
+            runner, datamodule, self.seed, stack, retry_alone=self.accept_failures, should_stop=should_stop
         )
 
     def _clients_per_stacked_fit(self, runner: ClientRunner, datamodule: Any) -> int:
