@@ -23,7 +23,20 @@ import torch
 from torch import nn
 
 from sparsyfed_lightning.client.callbacks import EndOfFitPruning
-from sparsyfed_lightning.sparse import check_sparsity
+from sparsyfed_lightning.sparse import check_sparsity, layers_outside_authors_walk
+
+
+def check_flag(value: object, key: str) -> bool:
+    """Return `value` if it is a bool, else a one-line ValueError naming `key`."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def layers_left_plain(net: nn.Module, wrap_downsample: bool) -> list[str]:
+    """The layers a wrapping method leaves plain: those the authors' layer walk does not reach on the
+    paper's ResNet-18s (its three 1x1 downsample convs, SPEC 3.2), none when `wrap_downsample`."""
+    return [] if wrap_downsample else layers_outside_authors_walk(net)
 
 
 class Method:
