@@ -39,6 +39,8 @@ class DensityProfile:
     def densities(self) -> dict[str, float]:
         """The authors' average density per key: `sum_k (nonzeros_k / numel) * (n_k / n)` in floats."""
         total = sum(weight for weight, _ in self._clients)
+        if not total:
+            return {}  # no client weight: nothing to prune to
         averaged: dict[str, float] = {}
         for weight, counts in self._clients:
             for key, count in counts.items():
@@ -48,6 +50,8 @@ class DensityProfile:
     def kept_counts(self) -> dict[str, int]:
         """The exact sample-weighted mean number of non-zeros per key, rounded down."""
         total = sum(Fraction(weight) for weight, _ in self._clients)
+        if not total:
+            return {}
         weighted: dict[str, Fraction] = {}
         for weight, counts in self._clients:
             for key, count in counts.items():
