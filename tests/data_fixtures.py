@@ -165,3 +165,86 @@ def write_speech(root: Path, *, seed: int = 0, corrupt_train_row: int | None = N
         write_hub_parquet(folder / split / "0000.parquet", columns, features)
         result[split] = np.asarray(labels)
     return SpeechFixture(folder, result["train"], result["test"], special)
+
+
+# ------------------------------------------------------------------ the creators' own file formats
+FASHION_IDX = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: 0, 0, type 0x08, ndim, big-endian uint32 sizes, values."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+@dataclass
+class ArrayFixture:
+    root: Path
+    train_pixels: np.ndarray  # (N, C, H, W) uint8
+    train_labels: np.ndarray
+    test_pixels: np.ndarray
+    test_labels: np.ndarray
+
+
+def write_idx(
+    folder: Path, *, gz: bool = True, per_class_train: int = 6, per_class_test: int = 2, seed: int = 0
+) -> ArrayFixture:
+    """Fashion-MNIST-like IDX files (28x28 grey, 10 classes) in `folder`, gzip-compressed or not."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = rng.permutation(np.repeat(np.arange(10, dtype=np.uint8), per_class))
+        pixels = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        for name, array in zip(FASHION_IDX[split], (pixels, labels), strict=True):
+            data = idx_bytes(array)
+            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+        splits[split] = (pixels[:, None], labels.astype(np.int64))
+    return ArrayFixture(folder, *splits["train"], *splits["test"])
+
+
+def write_cifar_batches(root: Path, *, classes: int = 10, per_batch: int = 8, seed: int = 0) -> ArrayFixture:
+    """torchvision's on-disk CIFAR layout under `root`: `cifar-10-batches-py` (five train batches and
+    `test_batch`) or, with `classes=100`, `cifar-100-python` (`train`, `test`), pickled like the
+    originals (dicts of a uint8 `data` array of rows R..G..B and label lists), with meta files."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    cifar100 = classes == 100
+    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {
+        "train": ["train"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test"] if cifar100 else ["test_batch"],
+    }
+    splits = {}
+    for split, files in names.items():
+        pixels, labels = [], []
+        for name in files:
+            rows = per_batch * (5 if cifar100 and split == "train" else 1)
+            data = rng.integers(0, 256, size=(rows, 3 * 32 * 32), dtype=np.uint8)
+            fine = rng.integers(0, classes, size=rows).tolist()
+            batch = {"batch_label": f"{name} of 1", "data": data, "filenames": [f"{i}.png" for i in range(rows)]}
+            if cifar100:
+                batch.update(fine_labels=fine, coarse_labels=[label // 5 for label in fine])
+            else:
+                batch["labels"] = fine
+            (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+            pixels.append(data.reshape(rows, 3, 32, 32))
+            labels += fine
+        splits[split] = (np.concatenate(pixels), np.asarray(labels, dtype=np.int64))
+    if cifar100:
+        meta = {
+            "fine_label_names": [f"fine_{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+        }
+        (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    else:
+        meta = {"label_names": [f"class_{i}" for i in range(10)], "num_cases_per_batch": per_batch}
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return ArrayFixture(root, *splits["train"], *splits["test"])

@@ -86,7 +86,7 @@ def test_existing_run_directory_needs_resume_or_overwrite(tiny_config, tmp_path,
 BAD_INPUTS = [
     (["--method", "Magic"], "method='Magic' is unknown; known: Dense, FLASH"),
     (["--model.backbone", "vgg11"], "model.backbone='vgg11' is unknown; known: logmel_cnn"),
-    (["--data.dataset", "mnist"], "data.dataset='mnist' is unknown"),
+    (["--data.dataset", "imagenet"], "data.dataset='imagenet' is unknown"),
     (["--data.partitioner", "pathological"], "data.partitioner='pathological' is unknown"),
     (["--server_optimizer", "FedMagic"], "server_optimizer='FedMagic' is unknown; known: FedAdagrad"),
     (["--method.sparsity", "1.0"], "method.sparsity must be a number in [0, 1), got 1.0"),

@@ -257,9 +257,10 @@ def test_undecodable_image_names_the_row(tmp_path):
 
 def test_unknown_dataset_and_missing_path(tmp_path):
     with pytest.raises(
-        ValueError, match=r"dataset='mnist' is unknown; known datasets: cifar10, cifar100, digits, local"
+        ValueError,
+        match=r"dataset='imagenet' is unknown; known datasets: cifar10, cifar100, digits, fashion_mnist, local, mnist",
     ):
-        FederatedDataModule("mnist")
+        FederatedDataModule("imagenet")
     with pytest.raises(ValueError, match=r"path=None is invalid for dataset 'local'"):
         FederatedDataModule("local", cache_dir=str(tmp_path)).setup()
     with pytest.raises(ValueError, match=r"does not exist"):

@@ -14,6 +14,7 @@ CASES = [
     ("resnet18_speech", 35, (2, 1, 8000)),
     ("logmel_cnn", 35, (2, 1, 40, 81)),
     ("small_cnn", 10, (2, 1, 8, 8)),
+    ("small_resnet", 10, (2, 1, 28, 28)),
 ]
 
 
@@ -34,6 +35,19 @@ def test_resnet18_cifar_parameter_count_and_stem():
     assert isinstance(model.maxpool, nn.Identity)
     prunable = sum(m.weight.numel() for _, m in prunable_layers(model))
     assert prunable == 11_164_352  # SPEC 5: everything but BN affine (9,600) and the fc bias (10)
+
+
+def test_small_resnet_has_resnet18s_parts_at_28x28():
+    model = build_model("small_resnet", 10)
+    assert sum(m.weight.numel() for _, m in prunable_layers(model)) == 302_480
+    shortcuts = [name for name, _ in prunable_layers(model) if name.endswith("downsample.0")]
+    assert shortcuts == ["layer1.downsample.0", "layer2.downsample.0", "layer3.downsample.0"]
+    features = model.relu(model.bn1(model.conv1(torch.randn(1, 1, 28, 28))))
+    sizes = [features.shape[-1]]
+    for block in (model.layer1, model.layer2, model.layer3):
+        features = block(features)
+        sizes.append(features.shape[-1])
+    assert sizes == [14, 7, 4, 2] and features.shape[1] == 128
 
 
 def test_resnet18_speech_stem_keeps_height_one():

@@ -19,6 +19,7 @@ SHAPES = {
     "logmel_cnn": ((1, 16, 16), {"width": 8}),
     "resnet18_cifar": ((3, 8, 8), {}),
     "resnet18_speech": ((1, 64), {}),
+    "small_resnet": ((1, 28, 28), {"width": 4}),
 }
 
 

@@ -83,8 +83,13 @@ def hub_offline_mode(offline: bool) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
-def load_hub_dataset(dataset: str, repo_id: str, *, revision: str | None = None, data_dir: str | None = None):
-    """`datasets.load_dataset(repo_id)` (all splits) or one `DatasetUnavailableError` line."""
+def load_hub_dataset(
+    dataset: str, repo_id: str, *, revision: str | None = None, data_dir: str | None = None, local_formats: str = ""
+):
+    """`datasets.load_dataset(repo_id)` (all splits) or one `DatasetUnavailableError` line.
+
+    `local_formats` names what else `--data.path` accepts for this dataset (said in the error).
+    """
     import datasets
 
     offline = offline_requested() or not hub_reachable()
@@ -99,4 +104,5 @@ def load_hub_dataset(dataset: str, repo_id: str, *, revision: str | None = None,
             f"dataset {dataset!r}: cannot load {where} from the Hugging Face Hub: {state}, and it is not in "
             f"the datasets cache ({type(err).__name__}: {reason}); download it on a machine with network "
             f"and pass the local copy with --data.path (FederatedDataModule(path=...))"
+            + (f"; --data.path also accepts {local_formats}" if local_formats else "")
         ) from err

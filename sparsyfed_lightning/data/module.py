@@ -42,7 +42,13 @@ from sparsyfed_lightning.data.sources import (
 )
 from sparsyfed_lightning.data.transforms import RandomCropFlip
 
-_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "digits": (1, 8, 8)}
+_IMAGE_SHAPES = {
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "digits": (1, 8, 8),
+    "fashion_mnist": (1, 28, 28),
+    "mnist": (1, 28, 28),
+}
 
 
 class FederatedDataModule(LightningDataModule):
@@ -50,10 +56,14 @@ class FederatedDataModule(LightningDataModule):
 
     Args:
         dataset: `digits` (offline default, scikit-learn's bundled 8x8 digits), `cifar10`,
-            `cifar100`, `speech_commands` (v0.02) or `local` (see `sources.py`).
+            `cifar100`, `fashion_mnist`, `mnist`, `speech_commands` (v0.02) or `local` (see
+            `sources.py`).
         path: local copy of the data instead of the Hub: a parquet folder in the Hub's schema, a
-            parquet/arrow file, a `save_to_disk` folder, or for `speech_commands` the extracted
-            official archive. Required for `local`.
+            parquet/arrow file, a `save_to_disk` folder; for `fashion_mnist` / `mnist` the IDX
+            files (e.g. `/usr/share/datasets/fashion-mnist`, or torchvision's `FashionMNIST/raw`),
+            for `cifar10` / `cifar100` torchvision's pickled batches (`cifar-10-batches-py`,
+            `cifar-100-python`), for `speech_commands` the extracted official archive
+            (`original_files.py`, `speech.py`). Required for `local`.
         partitioner: `lda` (the paper's), `dirichlet` or `iid` (flwr-datasets). From Python a
             `flwr_datasets.partitioner.Partitioner` instance is accepted too (not cached on disk).
         num_clients: number of clients.

@@ -4,6 +4,8 @@
 |---|---|---|
 | `cifar10` | Hub `uoft-cs/cifar10` | `img` / `label` (10) |
 | `cifar100` | Hub `uoft-cs/cifar100` | `img` / `fine_label` (100) |
+| `fashion_mnist` | Hub `zalando-datasets/fashion_mnist` (70,000 28x28 grey images) | `image` / `label` (10) |
+| `mnist` | Hub `ylecun/mnist` (70,000 28x28 grey digits) | `image` / `label` (10) |
 | `speech_commands` | Hub `google/speech_commands`, `refs/convert/parquet`, `v0.02` | `audio` / `label` (36) |
 | `digits` | scikit-learn's bundled `load_digits` (1,797 real 8x8 digits) | `image` / `label` (10) |
 | `local` | `path`: parquet/arrow file or folder, `save_to_disk` folder | `image_column` / `label_column` |
@@ -13,8 +15,12 @@
 * `path` replaces the Hub for the Hub datasets too: a folder of parquet files in the Hub's schema
   (e.g. a snapshot of the dataset repository; splits are recognised from file/folder names such as
   `train-00000-of-00001.parquet` or `train/0000.parquet`) goes through the same `load_dataset` and
-  the same code afterwards. For `speech_commands` it may also be the extracted official archive
-  (`speech.py`). For the Speech Commands parquet conversion, point `path` at its `v0.02` folder.
+  the same code afterwards. For the Speech Commands parquet conversion, point `path` at its `v0.02`
+  folder. It may also hold the files the datasets' creators distribute (`original_files.py`):
+  the IDX files of `fashion_mnist` / `mnist` (e.g. `/usr/share/datasets/fashion-mnist` from
+  Debian's `dataset-fashion-mnist`, or torchvision's `FashionMNIST/raw`), torchvision's pickled
+  `cifar-10-batches-py` / `cifar-100-python` folders, and for `speech_commands` the extracted
+  official archive (`speech.py`). These give the same pixels as the Hub copies, normalised the same way.
 * Splits: `train`, and `test` (else `validation`); a source with only a train split gets a fixed
   stratified 80/20 hold-out (seed `HOLDOUT_SEED`, independent of the partition seed so the test
   set never changes with it).
@@ -35,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from sparsyfed_lightning.data import speech
+from sparsyfed_lightning.data import original_files, speech
 from sparsyfed_lightning.data.cache import array_digest
 from sparsyfed_lightning.data.hub import load_hub_dataset
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "local", "speech_commands")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "fashion_mnist", "local", "mnist", "speech_commands")
 HOLDOUT_SEED = 0
 HOLDOUT_FRACTION = 0.2
 _AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"FORM")
@@ -61,6 +67,8 @@ class HubSource:
 HUB_SOURCES: dict[str, HubSource] = {
     "cifar10": HubSource("uoft-cs/cifar10", "img", "label", "image", 10),
     "cifar100": HubSource("uoft-cs/cifar100", "img", "fine_label", "image", 100),
+    "fashion_mnist": HubSource("zalando-datasets/fashion_mnist", "image", "label", "image", 10),
+    "mnist": HubSource("ylecun/mnist", "image", "label", "image", 10),
     "speech_commands": HubSource(
         "google/speech_commands",
         "audio",
@@ -154,13 +162,18 @@ def load_digits_source() -> SourceSplits:
     )
 
 
-def load_local(path: str):
-    """A `DatasetDict` from a parquet/arrow file, a `save_to_disk` folder or a folder of data files."""
+def load_local(path: str, also_accepted: str = ""):
+    """A `DatasetDict` from a parquet/arrow file, a `save_to_disk` folder or a folder of data files.
+
+    `also_accepted` names what else the dataset's `path` may hold, for the error messages.
+    """
     import datasets
+    from datasets.data_files import EmptyDatasetError
 
     location = Path(path).expanduser()
+    expected = "a parquet/arrow file or a dataset folder" + (f", or {also_accepted}" if also_accepted else "")
     if not location.exists():
-        raise ValueError(f"path={path!r} does not exist; give a parquet/arrow file or a dataset folder")
+        raise ValueError(f"path={path!r} does not exist; give {expected}")
     if location.is_file():
         builder = {".parquet": "parquet", ".arrow": "arrow"}.get(location.suffix)
         if builder is None:
@@ -172,7 +185,10 @@ def load_local(path: str):
     elif (location / "dataset_dict.json").is_file() or (location / "state.json").is_file():
         loaded = datasets.load_from_disk(str(location))
     else:
-        loaded = datasets.load_dataset(str(location))
+        try:
+            loaded = datasets.load_dataset(str(location))
+        except EmptyDatasetError as err:
+            raise ValueError(f"path={path!r} holds no data files; expected {expected}") from err
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return loaded
@@ -292,14 +308,22 @@ def load_source(
 
     hub = HUB_SOURCES.get(dataset)
     fingerprint = None
-    if dataset == "speech_commands" and path is not None and speech.is_archive(Path(path).expanduser()):
-        train, test, fingerprint = speech.load_archive(Path(path).expanduser())
+    location = Path(path).expanduser() if path is not None else None
+    originals = original_files.locate(dataset, location) if location is not None else None
+    if dataset == "speech_commands" and location is not None and speech.is_archive(location):
+        train, test, fingerprint = speech.load_archive(location)
+        splits = {"train": train, "test": test}
+    elif originals is not None:
+        train, test, fingerprint = original_files.load(dataset, originals)
         splits = {"train": train, "test": test}
     elif path is not None:
-        splits = load_local(path)
+        splits = load_local(path, original_files.describe(dataset))
     else:
         assert hub is not None
-        splits = load_hub_dataset(dataset, hub.repo_id, revision=hub.revision, data_dir=hub.data_dir)
+        splits = load_hub_dataset(
+            dataset, hub.repo_id, revision=hub.revision, data_dir=hub.data_dir,
+            local_formats=original_files.describe(dataset),
+        )
     if "train" not in splits:
         raise ValueError(f"dataset {dataset!r} has no 'train' split; available splits: {', '.join(splits)}")
 
@@ -333,7 +357,10 @@ def load_source(
             label_map=speech.label_map(names, speech_classes),
             split_labels=frozenset(i for i, name in enumerate(names) if name == speech.SILENCE),
         )
-    kind = hub.kind if hub is not None else detect_kind(train, input_column, dataset)
+    if originals is not None:
+        kind = "array"  # uint8 images (C, H, W), normalised like decoded ones
+    else:
+        kind = hub.kind if hub is not None else detect_kind(train, input_column, dataset)
     if hub is not None and label_column == hub.label_column:
         num_classes = hub.num_classes
     else:
@@ -348,4 +375,5 @@ def load_source(
         num_classes=num_classes,
         source_num_classes=num_classes,
         fingerprint=fingerprint,
+        normalize=originals is not None,
     )

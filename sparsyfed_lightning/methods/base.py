@@ -24,7 +24,13 @@ from torch import nn
 
 from sparsyfed_lightning.checks import check_number
 from sparsyfed_lightning.client.callbacks import EndOfFitPruning
-from sparsyfed_lightning.sparse import check_sparsity
+from sparsyfed_lightning.sparse import check_sparsity, layers_outside_authors_walk
+
+
+def layers_left_plain(net: nn.Module, wrap_downsample: bool) -> list[str]:
+    """The layers a wrapping method leaves plain: those the authors' layer walk does not reach on the
+    paper's ResNet-18s (its three 1x1 downsample convs, SPEC 3.2), none when `wrap_downsample`."""
+    return [] if wrap_downsample else layers_outside_authors_walk(net)
 
 
 class Method:

@@ -9,13 +9,14 @@ from torch import nn
 
 from sparsyfed_lightning.models.init import truncated_normal_init
 from sparsyfed_lightning.models.resnet import resnet18_cifar, resnet18_speech
-from sparsyfed_lightning.models.small import logmel_cnn, small_cnn
+from sparsyfed_lightning.models.small import logmel_cnn, small_cnn, small_resnet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
     "resnet18_speech": resnet18_speech,
     "logmel_cnn": logmel_cnn,
     "small_cnn": small_cnn,
+    "small_resnet": small_resnet,
 }
 
 

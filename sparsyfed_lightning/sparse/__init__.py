@@ -2,7 +2,9 @@
 
 from sparsyfed_lightning.sparse.activations import ActivationPruning, CompactReLU, pack_bits, unpack_bits
 from sparsyfed_lightning.sparse.layers import (
+    AUTHORS_LAYER_WALK,
     layer_densities,
+    layers_outside_authors_walk,
     prunable_layers,
     prunable_weights,
     stored_weight,
@@ -20,6 +22,7 @@ from sparsyfed_lightning.sparse.powerprop import (
 from sparsyfed_lightning.sparse.pruning import (
     check_sparsity,
     global_magnitude_prune,
+    keep_largest_with_ties_,
     layerwise_magnitude_prune,
     magnitude_threshold,
     prune_smallest_,
@@ -29,6 +32,7 @@ from sparsyfed_lightning.sparse.spectral import spectral_exponent, update_spectr
 from sparsyfed_lightning.sparse.swat import WeightTopK
 
 __all__ = [
+    "AUTHORS_LAYER_WALK",
     "ActivationPruning",
     "CompactReLU",
     "Powerprop",
@@ -37,7 +41,9 @@ __all__ = [
     "check_sparsity",
     "freeze_support",
     "global_magnitude_prune",
+    "keep_largest_with_ties_",
     "layer_densities",
+    "layers_outside_authors_walk",
     "layerwise_magnitude_prune",
     "magnitude_threshold",
     "pack_bits",

@@ -4,6 +4,10 @@ Every method in this project acts on the weights of `Conv1d`/`Conv2d`/`Linear` l
 (BatchNorm affine parameters and buffers are never pruned, SPEC section 5). When a layer carries a
 Powerprop parametrization its *stored* tensor `v` (``parametrizations.weight.original``) is what is
 trained, pruned and communicated; its *effective* weight `w` is ``module.weight``.
+
+Which layers a method wraps (Powerprop, SWAT) follows the authors' layer-replacement walk on the
+backbones that declare it (`AUTHORS_LAYER_WALK`, set by the paper's ResNet-18 builders): see
+`layers_outside_authors_walk`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# A backbone with this attribute set to True is one the authors' layer-replacement walk was run on.
+AUTHORS_LAYER_WALK = "authors_layer_walk"
 
 
 def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -22,6 +28,21 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             yield name, module
+
+
+def layers_outside_authors_walk(model: nn.Module) -> list[str]:
+    """The conv/linear layers the authors' layer-replacement walk leaves plain (SPEC 3.2, quirk 24).
+
+    Their helper finds the layers to replace through `dir(module)` while recursing into every
+    child, and `nn.Module.__dir__` omits child names that start with a digit, so a layer held
+    directly by an `nn.Sequential` is never replaced: in ResNet-18 the three 1x1 downsample convs
+    (`layerN.0.downsample.0`). Only backbones marked with `AUTHORS_LAYER_WALK` report such layers
+    (the walk would leave a model built as one `nn.Sequential` entirely plain); for every other
+    backbone the list is empty and every layer is wrapped.
+    """
+    if not getattr(model, AUTHORS_LAYER_WALK, False):
+        return []
+    return [name for name, _ in prunable_layers(model) if name.rsplit(".", 1)[-1][:1].isdigit()]
 
 
 def is_linear(module: nn.Module) -> bool:

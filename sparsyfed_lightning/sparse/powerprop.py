@@ -15,6 +15,7 @@ within a local fit, `freeze_support` lets each layer compute on its non-zeros on
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -115,19 +116,28 @@ class Powerprop(nn.Module):
         return torch.sign(w) * w.abs().pow(1.0 / self.exponent)
 
 
-def powerpropify(model: nn.Module, beta: float, *, keep_effective_weights: bool = True) -> nn.Module:
+def powerpropify(
+    model: nn.Module, beta: float, *, keep_effective_weights: bool = True, skip: Iterable[str] = ()
+) -> nn.Module:
     """Register Powerprop on the weight of every Conv1d/Conv2d/Linear layer of `model`, in place.
 
     `beta == 1` leaves the model untouched (an ordinary network). With `keep_effective_weights`
     the stored `v` is set to `sign(w)|w|^(1/beta)` so the effective weights keep the distribution
     they were initialised with (SPEC 3.3); without it `v` takes the current weight values as they
-    are (the spectral variant's initialisation). Returns `model` for chaining.
+    are (the spectral variant's initialisation). Layers named in `skip` stay plain (e.g. those
+    outside the authors' layer walk, `layers_outside_authors_walk`). Returns `model` for chaining.
     """
     if not math.isfinite(beta) or beta < 1.0:
         raise ValueError(f"beta must be a finite number >= 1, got {beta}")
     if beta == 1.0:
         return model
-    for _, module in prunable_layers(model):
+    skip = set(skip)
+    layers = list(prunable_layers(model))
+    if skip - {name for name, _ in layers}:
+        raise ValueError(f"unknown layers to leave plain: {sorted(skip - {name for name, _ in layers})}")
+    for name, module in layers:
+        if name in skip:
+            continue
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"{type(module).__name__} already carries a weight parametrization")
         if keep_effective_weights:

@@ -87,6 +87,23 @@ def prune_smallest_(
     return masks
 
 
+@torch.no_grad()
+def keep_largest_with_ties_(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero the entries of `tensor` below its k-th largest magnitude, in place; returns the keep mask.
+
+    Entries tied with the k-th largest are kept too, so more than `k` may survive; `k <= 0` and
+    `k >= numel` keep the tensor whole. This is the authors' layer-wise pruning in FLASH's server
+    (SPEC 12.4); `prune_smallest_` is the exact-count routine everything else uses.
+    """
+    n = tensor.numel()
+    if k <= 0 or k >= n:
+        return torch.ones_like(tensor, dtype=torch.bool)
+    magnitudes = tensor.detach().abs().float()
+    keep = magnitudes >= _kth_smallest(magnitudes.reshape(-1), n - k + 1)
+    tensor.masked_fill_(~keep, 0)
+    return keep
+
+
 def global_magnitude_prune(
     tensors: Iterable[torch.Tensor], sparsity: float, min_layer_density: float = 0.0
 ) -> list[torch.Tensor]:
