@@ -19,15 +19,22 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from sparsyfed_lightning.models import MODELS, build_model
+from sparsyfed_lightning.models import build_model
+from sparsyfed_lightning.models.registry import serialisable_backbone
 
 
 class ClientModule(L.LightningModule):
     """Classifier trained with SGD and cross-entropy; the sparse behaviour comes from callbacks.
 
     Args:
-        backbone: a name from `sparsyfed_lightning.models.MODELS`.
+        backbone: a name from `sparsyfed_lightning.models.MODELS`, the import path of any
+            `nn.Module` class or factory (e.g. `torchvision.models.resnet18`), or
+            `{"class_path": ..., "init_args": {...}}`; from Python also the class or factory itself
+            (stored as its import path). See `models.registry` for how `num_classes` and
+            `in_channels` reach it.
         num_classes: number of classes (linked from the data module by the CLI).
+        in_channels: input channels (linked from the data module by the CLI); None keeps the
+            backbone's default.
         lr: client learning rate of round 1 before decay (the orchestrator sets each round's value).
         weight_decay: SGD weight decay (the paper: 1e-3).
         momentum: SGD momentum (the paper: 0; zero weights stay frozen under any value when beta > 1,
@@ -38,8 +45,9 @@ class ClientModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "small_cnn",
+        backbone: str | dict[str, Any] = "small_cnn",
         num_classes: int = 10,
+        in_channels: int | None = None,
         lr: float = 0.1,
         weight_decay: float = 1e-3,
         momentum: float = 0.0,
@@ -47,8 +55,7 @@ class ClientModule(L.LightningModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
-        if backbone not in MODELS:
-            raise ValueError(f"model.backbone={backbone!r} is unknown; known: {', '.join(sorted(MODELS))}")
+        backbone = serialisable_backbone(backbone)
         if lr <= 0:
             raise ValueError(f"model.lr={lr!r} is invalid; it must be > 0")
         if weight_decay < 0:
@@ -56,8 +63,11 @@ class ClientModule(L.LightningModule):
         if not 0 <= momentum < 1:
             raise ValueError(f"model.momentum={momentum!r} is invalid; it must be in [0, 1)")
         self.save_hyperparameters()
+        self.hparams["backbone"] = backbone  # a class given from Python is kept as its import path
         self.lr = lr
-        self.net: nn.Module = build_model(backbone, num_classes, seed=init_seed, **(backbone_kwargs or {}))
+        self.net: nn.Module = build_model(
+            backbone, num_classes, in_channels=in_channels, seed=init_seed, **(backbone_kwargs or {})
+        )
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._train_loss_sum: torch.Tensor | None = None

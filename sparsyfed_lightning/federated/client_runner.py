@@ -33,7 +33,7 @@ from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import StackedBatchLoader
 from sparsyfed_lightning.federated.codec import MessageStats, decode_state, encode_state_with_stats
 from sparsyfed_lightning.methods.base import Method
-from sparsyfed_lightning.models.stacked import stack_network, stack_states, unstack_state
+from sparsyfed_lightning.models.stacked import stack_network, stack_states, stacking_mismatch, unstack_state
 
 # Lightning repeats these on every fit of a reused Trainer; they say nothing about a client fit.
 _QUIET_WARNINGS = (
@@ -90,6 +90,7 @@ class ClientRunner:
         self.trainer = self._fit_trainer()
         self._stacked: dict[int, tuple[ClientModule, L.Trainer]] = {}
         self._stacking_refused: str | None = None
+        self._stacking_checked = False  # whether `stacking_mismatch` has run on real inputs
         self._plain_net: torch.nn.Module | None = None
         self.eval_trainer = L.Trainer(
             logger=False,
@@ -140,6 +141,11 @@ class ClientRunner:
         """
         if not self.method.supports_stacking:
             raise ValueError(f"method {self.method.name!r} cannot train stacked clients")
+        if not self.can_stack(loaders[0]):  # the model's forward mixes stacked clients: train them alone
+            return [
+                self.fit(cid, global_state, loader, lr, seed)
+                for cid, loader, seed in zip(cids, loaders, seeds, strict=True)
+            ]
         module, trainer = self._stacked_module(len(cids))
         module.net.load_state_dict(stack_states([global_state] * len(cids), module.net.state_dict()))
         self._fit_epochs(module, trainer, StackedBatchLoader(loaders, seeds), lr, seeds[0])
@@ -150,10 +156,12 @@ class ClientRunner:
             for index, (cid, state, loader) in enumerate(zip(cids, states, loaders, strict=True))
         ]
 
-    def can_stack(self) -> bool:
+    def can_stack(self, loader: Any = None) -> bool:
         """Whether `fit_stacked` is available: the method supports it and the model's layers stack.
 
         Gradient clipping rules it out: the norm would be taken over all stacked clients together.
+        Given a client `loader` (and at the first stacked fit), it also checks on a few of its
+        inputs that the model's forward keeps stacked clients apart (`stacking_mismatch`).
         """
         if not self.method.supports_stacking or self.trainer_kwargs.get("gradient_clip_val"):
             return False
@@ -163,6 +171,11 @@ class ClientRunner:
                 self._stacking_refused = ""
             except ValueError as error:  # a layer type stacking cannot split per client
                 self._stacking_refused = str(error)
+        if not self._stacking_refused and not self._stacking_checked and loader is not None:
+            sample = _sample_inputs(loader, 4)
+            if sample is not None:
+                self._stacking_refused = stacking_mismatch(self._plain_network(), sample) or ""
+                self._stacking_checked = True
         return not self._stacking_refused
 
     def forward_flops(self, loader: Any) -> int | None:
@@ -170,11 +183,11 @@ class ClientRunner:
 
         Reads the batch shape without iterating, so the loader's shuffling is left untouched.
         """
-        inputs = getattr(loader, "inputs", None)
         batch_size = getattr(loader, "batch_size", None)
-        if not isinstance(inputs, torch.Tensor) or not batch_size:
+        sample = _sample_inputs(loader, 1)
+        if sample is None or not batch_size:
             return None
-        sample = torch.zeros(batch_size, *inputs.shape[1:], dtype=torch.float32)
+        sample = torch.zeros(batch_size, *sample.shape[1:], dtype=torch.float32)
         net = self._plain_network()
         try:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -208,6 +221,18 @@ class ClientRunner:
         self.method.on_global_loaded(self.module.net)
         results = self.eval_trainer.validate(self.module, dataloaders=loader, verbose=False)
         return {"test_loss": float(results[0]["val_loss"]), "test_accuracy": float(results[0]["val_accuracy"])}
+
+
+def _sample_inputs(loader: Any, rows: int) -> torch.Tensor | None:
+    """The first `rows` inputs a `TensorBatchLoader` covers, as float32 on the CPU (None: not such a loader).
+
+    Read without iterating, so the loader's shuffling is left untouched.
+    """
+    inputs, indices = getattr(loader, "inputs", None), getattr(loader, "indices", None)
+    if not isinstance(inputs, torch.Tensor) or inputs.shape[0] == 0:
+        return None
+    selected = inputs[indices[:rows]] if isinstance(indices, torch.Tensor) else inputs[:rows]
+    return selected.detach().to("cpu", torch.float32)
 
 
 def decode_result(result: ClientResult) -> dict[str, torch.Tensor]:

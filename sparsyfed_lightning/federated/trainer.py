@@ -35,11 +35,11 @@ from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress
 from sparsyfed_lightning.federated.sampling import ClientSampler, UniformSampler
 from sparsyfed_lightning.federated.schedule import exponential_lr
 from sparsyfed_lightning.federated.server import FederatedServer
+from sparsyfed_lightning.federated.snapshots import save_mask_snapshot
 from sparsyfed_lightning.methods.base import Method
 from sparsyfed_lightning.methods.sparsyfed import SparsyFed
 from sparsyfed_lightning.server.optimizers import FedAvg, ServerOptimizer
 from sparsyfed_lightning.sparse import prunable_weights
-from sparsyfed_lightning.sparse.masks import pack_masks
 
 # Trainer arguments that also shape a client fit (the rest - logger, callbacks, ... - are the
 # federated run's own).
@@ -401,7 +401,8 @@ class FederatedTrainer(L.Trainer):
         round_index = metrics["round"]
         if round_index % every == 0 or round_index == self.rounds:
             assert self.server is not None
-            save_atomic(pack_masks(self.server.current_masks()), self.run_dir / "masks" / f"round_{round_index:05d}.pt")
+            masks = {key: mask.cpu().numpy() for key, mask in self.server.current_masks().items()}
+            save_mask_snapshot(masks, self.run_dir / "masks" / f"round_{round_index:05d}.npz")
 
     def _restore(self, ckpt_path: str) -> int:
         assert self.server is not None

@@ -52,7 +52,7 @@ class SparsyFed(Method):
         self.threshold = check_threshold(threshold)
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
-        return powerpropify(net, self.beta)
+        return powerpropify(super().prepare_model(net), self.beta)
 
     def build_callbacks(self) -> list[L.Callback]:
         callbacks: list[L.Callback] = [FrozenSupportCallback()] if self.beta > 1.0 else []

@@ -52,7 +52,7 @@ class SparsyFedSpectral(Method):
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
         # Any exponent > 1 registers the parametrization; the real per-layer ones are set next.
-        powerpropify(net, 2.0, keep_effective_weights=False)
+        powerpropify(super().prepare_model(net), 2.0, keep_effective_weights=False)
         update_spectral_exponents(net, self.seed)
         return net
 

@@ -50,6 +50,7 @@ class ZeroFL(Method):
         self._skip: list[str] = []
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
+        net = super().prepare_model(net)
         convs = [name for name, m in prunable_layers(net) if isinstance(m, nn.Conv1d | nn.Conv2d)]
         self._skip = convs[:1] if self.first_layer_dense else []
         return net
