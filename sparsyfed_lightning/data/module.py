@@ -173,6 +173,16 @@ class FederatedDataModule(LightningDataModule):
         assert self._train is not None
         return tuple(self._train[0].shape[1:])
 
+    @property
+    def in_channels(self) -> int | None:
+        """Channels of one input (`input_shape[0]`), e.g. 1 for digits, 3 for CIFAR; None for flat vectors.
+
+        Read from the configuration when `input_shape` is known without loading (linked to
+        `model.in_channels` by the CLI).
+        """
+        shape = self.input_shape
+        return shape[0] if len(shape) >= 2 else None
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Download a Hub dataset into the `datasets` cache (nothing to do for local data)."""
