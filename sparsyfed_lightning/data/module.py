@@ -277,25 +277,16 @@ class FederatedDataModule(LightningDataModule):
         )
 
     def plot_class_counts(self, path: str) -> None:
-        """Save a PNG heat map of `class_counts()` (clients x classes)."""
+        """Save a PNG of `class_counts()`: every client's samples per class, with a class legend."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
 
-        counts = self.class_counts()
-        # A Figure with its own Agg canvas: no pyplot state, no display backend needed.
-        figure = Figure(figsize=(min(3 + 0.25 * counts.shape[1], 20), min(2 + 0.2 * counts.shape[0], 20)))
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        image = axes.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
-        figure.colorbar(image, ax=axes, label="training samples")
-        axes.set_xlabel("class")
-        axes.set_ylabel("client")
+        from sparsyfed_lightning.data.figures import class_counts_figure
+
         name = self.partitioner if isinstance(self.partitioner, str) else type(self.partitioner).__name__
-        axes.set_title(
-            f"{self.dataset}: {name}, alpha={self.alpha:g}, {self.num_clients} clients, seed {self.seed}"
-        )
-        figure.tight_layout()
-        figure.savefig(path, format="png")
+        title = f"{self.dataset}: {name}, alpha={self.alpha:g}, {self.num_clients} clients, seed {self.seed}"
+        figure = class_counts_figure(self.class_counts(), title)
+        FigureCanvasAgg(figure)  # a Figure with its own Agg canvas: no pyplot state, no display needed
+        figure.savefig(path, format="png", dpi=120)
 
     # ------------------------------------------------------------------ internals
     def _get_source(self) -> SourceSplits:
