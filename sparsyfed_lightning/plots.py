@@ -40,8 +40,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from sparsyfed_lightning.data.figures import class_counts_figure  # noqa: E402
 from sparsyfed_lightning.federated.snapshots import load_mask_snapshot, pooled_mask_iou  # noqa: E402
@@ -188,6 +189,28 @@ def _colours(runs: list[Run]) -> dict[str, Any]:
     return {run.label: palette(i % 10) for i, run in enumerate(runs)}
 
 
+def _finish(ax: Any, **legend: Any) -> None:
+    """Grid, whole-number round ticks, and a legend when something is labelled."""
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_xlabel() == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**{"fontsize": "small", **legend})
+
+
+def _lines_per_run(
+    ax: Any, runs: list[Run], key: str, *, scale: float = 1.0, first_round: float = 0, suffix: str = "", **style: Any
+) -> None:
+    """One line per run (in its colour) of metric `key` times `scale` against the round, from `first_round`."""
+    colours = _colours(runs)
+    for index, run in enumerate(runs):
+        rows = [m for m in run.rows(key) if m["round"] >= first_round]
+        if rows:
+            extra = {name: value(index) if callable(value) else value for name, value in style.items()}
+            ax.plot([m["round"] for m in rows], [scale * m[key] for m in rows], color=colours[run.label],
+                    label=f"{run.label}{suffix}", **extra)
+
+
 # -- figures -------------------------------------------------------------------------------------------------
 def plot_accuracy(runs: list[Run], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -197,8 +220,7 @@ def plot_accuracy(runs: list[Run], out: Path) -> Path:
         ax.plot([m["round"] for m in rows], [100 * m["test_accuracy"] for m in rows], marker=".",
                 color=colours[run.label], label=f"{run.label} (final {100 * rows[-1]['test_accuracy']:.2f}%)")
     ax.set(xlabel="round", ylabel="test accuracy (%)", title="Central test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _finish(ax)
     return _save(fig, out / "accuracy.png")
 
 
@@ -263,25 +285,21 @@ def plot_accuracy_vs_communication(runs: list[Run], out: Path) -> tuple[Path, li
     if dense is not None and len(runs) > 1:
         title += f" (reference: dense run {dense.label})"
     ax.set(xlabel="cumulative communication, uplink + downlink", ylabel="test accuracy (%)", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    _finish(ax)
     return _save(fig, out / "accuracy_vs_communication.png"), lines
 
 
 def plot_density(runs: list[Run], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = _colours(runs)
+    _lines_per_run(ax, runs, "density", scale=100, marker=".")
     for run in runs:
-        rows = run.rows("density")
-        ax.plot([m["round"] for m in rows], [100 * m["density"] for m in rows], marker=".", color=colours[run.label],
-                label=run.label)
         if run.sparsity is not None and run.sparsity > 0:
             ax.axhline(100 * (1 - run.sparsity), color=colours[run.label], linestyle=":", linewidth=1)
     ax.set_yscale("log")
     percent_log_axis(ax.yaxis, [100 * m["density"] for run in runs for m in run.rows("density")])
     ax.set(xlabel="round", ylabel="density of conv/linear weights", title="Global density (dotted: targets)")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3, which="both")
+    _finish(ax)
     return _save(fig, out / "density.png")
 
 
@@ -303,6 +321,10 @@ def collapsed_layers(row: dict[str, Any]) -> set[str]:
     return {key for key in densities if key in names or short_layer_name(key) in names}
 
 
+# Up to this many layers are named in the legend; more get a colour bar from the first to the last.
+MAX_LAYER_LEGEND = 12
+
+
 def plot_layer_density(runs: list[Run], out: Path) -> Path:
     panels = [run for run in runs if run.rows("layer_density")]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.8), squeeze=False)
@@ -313,59 +335,55 @@ def plot_layer_density(runs: list[Run], out: Path) -> Path:
         positive = [v for m in rows for v in m["layer_density"].values() if v > 0]
         floor = 100 * min(positive) / 3 if positive else 1e-3
         palette = plt.get_cmap("viridis", max(len(keys), 2))
+        named = len(keys) <= MAX_LAYER_LEGEND
         for i, key in enumerate(keys):
             values = [100 * m["layer_density"].get(key, float("nan")) for m in rows]
             ax.plot(rounds, [v if v > 0 else float("nan") for v in values], color=palette(i), linewidth=1.2,
-                    label=short_layer_name(key))
-        collapsed_any = set()
+                    label=short_layer_name(key) if named else "_")
+        if not named:
+            bar = fig.colorbar(ScalarMappable(Normalize(0, len(keys) - 1), palette), ax=ax, ticks=[0, len(keys) - 1])
+            bar.ax.set_yticklabels([short_layer_name(keys[0]), short_layer_name(keys[-1])], fontsize="x-small")
+            bar.set_label(f"{len(keys)} layers, input to output", fontsize="small")
+        collapsed_any: list[str] = []
         for m in rows:
-            for key in collapsed_layers(m):
-                collapsed_any.add(key)
+            for key in sorted(collapsed_layers(m)):
+                collapsed_any += [] if key in collapsed_any else [key]
                 ax.plot(m["round"], floor, marker="x", color="red", markersize=6, linestyle="none")
         if run.sparsity:
             ax.axhline(100 * (1 - run.sparsity), color="grey", linestyle=":", linewidth=1, label="target (global)")
         if collapsed_any:
-            ax.plot([], [], marker="x", color="red", linestyle="none",
-                    label=f"collapsed: {', '.join(sorted(short_layer_name(k) for k in collapsed_any))}")
+            names = ", ".join(short_layer_name(k) for k in collapsed_any[:3])
+            more = f" and {len(collapsed_any) - 3} more" if len(collapsed_any) > 3 else ""
+            ax.plot([], [], marker="x", color="red", linestyle="none", label=f"collapsed (all zero): {names}{more}")
             ax.axhline(floor, color="red", linewidth=0.5, alpha=0.4)
         ax.set_yscale("log")
         ax.set_ylim(floor / 1.5, 150)
         percent_log_axis(ax.yaxis, [floor / 1.5, 150])
         ax.set(xlabel="round", ylabel="density of the layer's weights", title=f"Per-layer density: {run.label}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="x-small", ncol=2 if len(keys) > 10 else 1, loc="best")
+        _finish(ax, fontsize="x-small", ncol=2 if len(keys) > 6 and named else 1)
     return _save(fig, out / "layer_density.png")
 
 
 def plot_regrowth(runs: list[Run], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = _colours(runs)
-    for run in runs:
-        # From round 2 (SPEC 9.2): in round 1 the received model is the dense initial one.
-        rows = [m for m in run.rows("after_pruning_deactivated") if m["round"] >= 2]
-        ax.plot([m["round"] for m in rows], [m["after_pruning_deactivated"] for m in rows], marker=".",
-                color=colours[run.label], label=run.label)
+    # From round 2 (SPEC 9.2): in round 1 the received model is the dense initial one.
+    _lines_per_run(ax, runs, "after_pruning_deactivated", first_round=2, marker=".")
     ax.set_yscale("symlog", linthresh=1)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     ax.set_ylim(bottom=0)
     ax.set(xlabel="round", ylabel="weights (client average, symmetric log scale)",
            title="Weight regrowth (non-zero when received, pruned by the client)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _finish(ax)
     return _save(fig, out / "regrowth.png")
 
 
 def plot_mask_iou_rounds(runs: list[Run], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = _colours(runs)
-    for run in runs:
-        previous = [m for m in run.rows("mask_iou_previous") if m["round"] >= 2]
-        lagged = run.rows("mask_iou_lagged")[2:]  # [0]: round 0 itself, [1]: against the dense initial model
-        ax.plot([m["round"] for m in previous], [m["mask_iou_previous"] for m in previous], color=colours[run.label],
-                label=f"{run.label}: previous round")
-        if lagged:
-            ax.plot([m["round"] for m in lagged], [m["mask_iou_lagged"] for m in lagged], color=colours[run.label],
-                    linestyle="--", marker="o", label=f"{run.label}: lagged")
+    # Round 1, and the first lagged value, compare with the dense initial model: left out.
+    _lines_per_run(ax, runs, "mask_iou_previous", first_round=2, suffix=": previous round")
+    lagged_rounds = sorted({m["round"] for run in runs for m in run.rows("mask_iou_lagged")})
+    _lines_per_run(ax, runs, "mask_iou_lagged", first_round=lagged_rounds[2] if len(lagged_rounds) > 2 else math.inf,
+                   suffix=": lagged", linestyle="--", marker="o")
     # A logit scale spreads both 0.1-0.9 and 0.99-0.9999; IoU 1 (identical masks) is drawn at 1 - 1e-5.
     ax.set_yscale("logit")
     for line in ax.get_lines():
@@ -376,27 +394,19 @@ def plot_mask_iou_rounds(runs: list[Run], out: Path) -> Path:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: "1" if value > 0.99999 - 1e-9 else f"{value:g}"))
     ax.yaxis.set_minor_locator(FixedLocator([]))
     ax.set(xlabel="round", ylabel="pooled mask IoU (logit scale)", title="Mask IoU of the global model")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    _finish(ax)
     return _save(fig, out / "mask_iou_rounds.png")
 
 
 def plot_training(runs: list[Run], out: Path) -> Path:
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = _colours(runs)
+    _lines_per_run(loss_ax, runs, "train_loss")
     styles = ["-", "--", ":", "-."]  # runs with the same schedule stay visible on top of each other
-    for i, run in enumerate(runs):
-        rows = run.rows("train_loss")
-        loss_ax.plot([m["round"] for m in rows], [m["train_loss"] for m in rows], color=colours[run.label],
-                     label=run.label)
-        rows = run.rows("lr")
-        lr_ax.plot([m["round"] for m in rows], [m["lr"] for m in rows], color=colours[run.label], label=run.label,
-                   linestyle=styles[i % len(styles)], linewidth=2.5 - 0.4 * (i % 4))
+    _lines_per_run(lr_ax, runs, "lr", linestyle=lambda i: styles[i % 4], linewidth=lambda i: 2.5 - 0.4 * (i % 4))
     loss_ax.set(xlabel="round", ylabel="training loss (client average)", title="Training loss")
     lr_ax.set(xlabel="round", ylabel="client learning rate", title="Learning rate")
     for ax in (loss_ax, lr_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _finish(ax)
     return _save(fig, out / "training.png")
 
 

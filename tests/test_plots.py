@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,13 +166,3 @@ def test_a_failed_snapshot_write_leaves_the_previous_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert np.array_equal(load_mask_snapshot(path)["w"], np.ones(4, dtype=bool))
     assert os.listdir(tmp_path) == ["round_00001.npz"]
-
-
-def test_plotting_imports_neither_torch_nor_lightning():
-    code = (
-        "import sys, sparsyfed_lightning.plots, sparsyfed_lightning.federated.snapshots; "
-        "print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert result.stdout.strip() == "[]"
