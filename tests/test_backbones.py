@@ -123,6 +123,16 @@ def test_bad_backbones_are_one_line_errors(backbone, expected):
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
+def test_in_channels_in_backbone_kwargs_still_works_and_conflicts_are_one_line():
+    module = ClientModule("small_cnn", 10, backbone_kwargs={"in_channels": 3, "width": 4})
+    assert module.net[0].in_channels == 3
+    assert ClientModule("small_cnn", 10, in_channels=3, backbone_kwargs={"in_channels": 3}).net[0].in_channels == 3
+    with pytest.raises(ValueError, match=r"^model.backbone_kwargs.in_channels=3 contradicts model.in_channels=1; "):
+        ClientModule("small_cnn", 10, in_channels=1, backbone_kwargs={"in_channels": 3})
+    with pytest.raises(ValueError, match=r"^model.backbone_kwargs.num_classes is invalid; set model.num_classes"):
+        ClientModule("small_cnn", 10, backbone_kwargs={"num_classes": 3})
+
+
 class _WithAttention(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -65,9 +65,17 @@ class ClientModule(L.LightningModule):
         self.save_hyperparameters()
         self.hparams["backbone"] = backbone  # a class given from Python is kept as its import path
         self.lr = lr
-        self.net: nn.Module = build_model(
-            backbone, num_classes, in_channels=in_channels, seed=init_seed, **(backbone_kwargs or {})
-        )
+        extra = dict(backbone_kwargs or {})
+        given = extra.pop("in_channels", None)  # older configs set it here
+        if given is not None and in_channels is not None and given != in_channels:
+            raise ValueError(
+                f"model.backbone_kwargs.in_channels={given!r} contradicts model.in_channels={in_channels!r}; "
+                "drop one of them"
+            )
+        in_channels = in_channels if in_channels is not None else given
+        if "num_classes" in extra:
+            raise ValueError("model.backbone_kwargs.num_classes is invalid; set model.num_classes instead")
+        self.net: nn.Module = build_model(backbone, num_classes, in_channels=in_channels, seed=init_seed, **extra)
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._train_loss_sum: torch.Tensor | None = None
