@@ -157,6 +157,14 @@ def test_layers_a_sparse_method_cannot_handle_are_refused_by_name(net, named):
     assert Dense().prepare_model(net) is net  # nothing is sparsified: any layer trains
 
 
+def test_zerofl_keeps_the_stem_dense_the_vit_patch_embedding_without_convs():
+    vit = ZeroFL(0.9)
+    vit.prepare_model(build_model(TINY_VIT, 10, in_channels=1))
+    cnn = ZeroFL(0.9)
+    cnn.prepare_model(build_model(SmallNet, 10, in_channels=1))
+    assert vit._skip == ["embed"] and cnn._skip == ["conv"]
+
+
 def test_own_parameters_of_a_model_stay_dense_and_are_accepted():
     class Positional(nn.Module):
         def __init__(self) -> None:
