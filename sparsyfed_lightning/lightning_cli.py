@@ -41,12 +41,8 @@ from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.hub import DatasetUnavailableError
 from sparsyfed_lightning.data.module import FederatedDataModule
 from sparsyfed_lightning.federated import ddp
-from sparsyfed_lightning.federated.checkpoint import (
-    CHECKPOINT_NAME,
-    PREVIOUS_CHECKPOINT_NAME,
-    load_model_state,
-    write_text_atomic,
-)
+from sparsyfed_lightning.federated.atomic_files import write_text_atomic
+from sparsyfed_lightning.federated.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, load_model_state
 from sparsyfed_lightning.federated.errors import SparsyFedError, UsageError
 from sparsyfed_lightning.federated.rundir import MARKER_NAME, release_all
 from sparsyfed_lightning.federated.trainer import FederatedTrainer
@@ -85,6 +81,7 @@ class SparsyFedCLI(LightningCLI):
         parser.link_arguments("method", "trainer.method", apply_on="instantiate")
         parser.link_arguments("server_optimizer", "trainer.server_optimizer", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.add_argument("--resume", type=str | None, default=None, help="Continue the run in this directory.")
         parser.add_argument("--overwrite", action="store_true",
                             help="Replace an existing run directory (only one this project created).")

@@ -85,7 +85,7 @@ def test_existing_run_directory_needs_resume_or_overwrite(tiny_config, tmp_path,
 
 BAD_INPUTS = [
     (["--method", "Magic"], "method='Magic' is unknown; known: Dense, FLASH"),
-    (["--model.backbone", "vgg11"], "model.backbone='vgg11' is unknown; known: logmel_cnn"),
+    (["--model.backbone", "vgg11"], "model.backbone='vgg11' is unknown; allowed: a registered name (logmel_cnn"),
     (["--data.dataset", "imagenet"], "data.dataset='imagenet' is unknown"),
     (["--data.partitioner", "pathological"], "data.partitioner='pathological' is unknown"),
     (["--server_optimizer", "FedMagic"], "server_optimizer='FedMagic' is unknown; known: FedAdagrad"),

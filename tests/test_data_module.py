@@ -39,6 +39,14 @@ def test_config_facts_need_no_data(tmp_path, monkeypatch):
     speech = FederatedDataModule("speech_commands", speech_classes=12, audio_features="logmel")
     assert speech.num_classes == 12 and speech.input_shape == (1, 40, 101)
     assert FederatedDataModule("cifar100").num_classes == 100
+    assert digits(tmp_path).in_channels == 1 and FederatedDataModule("cifar10").in_channels == 3
+    assert speech.in_channels == 1
+
+
+def test_in_channels_of_flat_feature_vectors_is_none(tmp_path):
+    dm = digits(tmp_path)
+    dm._train = (torch.zeros(4, 64), torch.zeros(4))  # what a local dataset of numeric columns materialises
+    assert dm.input_shape == (64,) and dm.in_channels is None
 
 
 def test_digits_split_sizes_values_and_client_sizes(tmp_path):

@@ -69,5 +69,5 @@ def test_initialisation_is_truncated_normal_with_fan_in_scale():
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(ValueError, match="unknown model 'resnet50'.*resnet18_cifar.*small_cnn"):
+    with pytest.raises(ValueError, match="model.backbone='resnet50' is unknown; allowed: .*resnet18_cifar.*small_cnn"):
         build_model("resnet50", 10)

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from sparsyfed_lightning.cli import main
+from sparsyfed_lightning.federated import atomic_files, snapshots
 from sparsyfed_lightning.federated import checkpoint as checkpoint_module
 from sparsyfed_lightning.federated.checkpoint import load_model_state, load_verified
 from sparsyfed_lightning.federated.errors import (
@@ -387,7 +388,7 @@ def test_disk_full_is_one_line_and_the_last_good_checkpoint_stays(tiny_config, t
     try:
         if not mounted:  # every atomic write after the first few runs out of space half-way
             calls = {"n": 0}
-            write_atomic = checkpoint_module._write_atomic
+            write_atomic = atomic_files.write_atomic
 
             def filling(path, mode, write):
                 calls["n"] += 1
@@ -400,7 +401,8 @@ def test_disk_full_is_one_line_and_the_last_good_checkpoint_stays(tiny_config, t
 
                 return write_atomic(path, mode, half)
 
-            monkeypatch.setattr(checkpoint_module, "_write_atomic", filling)
+            for module in (atomic_files, checkpoint_module, snapshots):  # every importer of the writer
+                monkeypatch.setattr(module, "write_atomic", filling)
         run_dir = mount / "run"
         code = _fit(tiny_config, run_dir, "--trainer.rounds", "400", "--model.backbone_kwargs.width", "32",
                     "--trainer.mask_snapshot_every", "1", "--trainer.eval_every", "400")

@@ -2,7 +2,8 @@
 
 Every callback is built once per run and reused by every client fit: `on_fit_start` re-reads the
 freshly loaded global model (layer densities, masks, thresholds), so nothing carries over between
-clients. They act on `pl_module.net`.
+clients. They act on `pl_module.net` when the module has one (`ClientModule`), else on the module
+itself (`network_of`), so they also serve a plain, non-federated Lightning fit (`client.sparse_training`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from sparsyfed_lightning.sparse import (
     update_spectral_exponents,
 )
 from sparsyfed_lightning.sparse.masks import nonzero_masks, regrowth_counts
+
+
+def network_of(pl_module: L.LightningModule) -> torch.nn.Module:
+    """The network the sparse callbacks act on: `pl_module.net` when it is a module, else `pl_module`."""
+    net = getattr(pl_module, "net", None)
+    return net if isinstance(net, torch.nn.Module) else pl_module
 
 
 class ActivationPruningCallback(L.Callback):
@@ -55,10 +62,11 @@ class ActivationPruningCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pruning is None or self.pruning.model is not pl_module.net:
-            names = [n for n, _ in prunable_layers(pl_module.net) if n not in self.skip_layers]
+        net = network_of(pl_module)
+        if self.pruning is None or self.pruning.model is not net:
+            names = [n for n, _ in prunable_layers(net) if n not in self.skip_layers]
             self.pruning = ActivationPruning(
-                pl_module.net,
+                net,
                 threshold=self.threshold,
                 keep_fraction=self.keep_fraction,
                 refresh_every_step=self.refresh_every_step,
@@ -81,11 +89,11 @@ class FrozenSupportCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        freeze_support(pl_module.net)
+        freeze_support(network_of(pl_module))
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        release_support(pl_module.net)
+        release_support(network_of(pl_module))
 
 
 class WeightTopKCallback(L.Callback):
@@ -98,9 +106,10 @@ class WeightTopKCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.topk is None or self.topk.model is not pl_module.net:
-            names = [n for n, _ in prunable_layers(pl_module.net) if n not in self.skip_layers]
-            self.topk = WeightTopK(pl_module.net, self.sparsity, layer_names=names)
+        net = network_of(pl_module)
+        if self.topk is None or self.topk.model is not net:
+            names = [n for n, _ in prunable_layers(net) if n not in self.skip_layers]
+            self.topk = WeightTopK(net, self.sparsity, layer_names=names)
         self.topk.attach()
 
     @override
@@ -140,7 +149,7 @@ class SpectralExponentCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        update_spectral_exponents(pl_module.net, self.seed)
+        update_spectral_exponents(network_of(pl_module), self.seed)
 
 
 class RegrowthStats:
@@ -195,15 +204,16 @@ class EndOfFitPruning(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.regrowth.snapshot(pl_module.net, stacked_clients(pl_module))
+        self.regrowth.snapshot(network_of(pl_module), stacked_clients(pl_module))
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.regrowth.measure(pl_module.net, "after_training")
+        net = network_of(pl_module)
+        self.regrowth.measure(net, "after_training")
         if self.sparsity > 0:
-            weights = list(prunable_weights(pl_module.net).values())
+            weights = list(prunable_weights(net).values())
             clients = stacked_clients(pl_module)
             # Each stacked client prunes its own model, exactly as it would alone.
             for parts in zip(*(client_slices(w, clients) for w in weights), strict=True):
                 global_magnitude_prune(parts, self.sparsity, self.min_layer_density)
-        self.regrowth.measure(pl_module.net, "after_pruning")
+        self.regrowth.measure(net, "after_pruning")

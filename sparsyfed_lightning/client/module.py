@@ -21,15 +21,22 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from sparsyfed_lightning.checks import check_integer, check_number
-from sparsyfed_lightning.models import MODELS, build_model
+from sparsyfed_lightning.models import build_model
+from sparsyfed_lightning.models.registry import serialisable_backbone
 
 
 class ClientModule(L.LightningModule):
     """Classifier trained with SGD and cross-entropy; the sparse behaviour comes from callbacks.
 
     Args:
-        backbone: a name from `sparsyfed_lightning.models.MODELS`.
+        backbone: a name from `sparsyfed_lightning.models.MODELS`, the import path of any
+            `nn.Module` class or factory (e.g. `torchvision.models.resnet18`), or
+            `{"class_path": ..., "init_args": {...}}`; from Python also the class or factory itself
+            (stored as its import path). See `models.registry` for how `num_classes` and
+            `in_channels` reach it.
         num_classes: number of classes (linked from the data module by the CLI).
+        in_channels: input channels (linked from the data module by the CLI); None keeps the
+            backbone's default.
         lr: client learning rate of round 1 before decay (the orchestrator sets each round's value).
         weight_decay: SGD weight decay (the paper: 1e-3).
         momentum: SGD momentum (the paper: 0; zero weights stay frozen under any value when beta > 1,
@@ -40,8 +47,9 @@ class ClientModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "small_cnn",
+        backbone: str | dict[str, Any] = "small_cnn",
         num_classes: int = 10,
+        in_channels: int | None = None,
         lr: float = 0.1,
         weight_decay: float = 1e-3,
         momentum: float = 0.0,
@@ -49,22 +57,35 @@ class ClientModule(L.LightningModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
-        if backbone not in MODELS:
-            raise ValueError(f"model.backbone={backbone!r} is unknown; known: {', '.join(sorted(MODELS))}")
+        backbone = serialisable_backbone(backbone)
         check_number(lr, "model.lr", low=0, low_inclusive=False)
         check_number(weight_decay, "model.weight_decay", low=0)
         check_number(momentum, "model.momentum", low=0, high=1, high_inclusive=False)
         check_integer(num_classes, "model.num_classes", minimum=1)
         check_integer(init_seed, "model.init_seed", minimum=0)
         self.save_hyperparameters()
+        self.hparams["backbone"] = backbone  # a class given from Python is kept as its import path
         self.lr = lr
+        extra = dict(backbone_kwargs or {})
+        given = extra.pop("in_channels", None)  # older configs set it here
+        if given is not None and in_channels is not None and given != in_channels:
+            raise ValueError(
+                f"model.backbone_kwargs.in_channels={given!r} contradicts model.in_channels={in_channels!r}; "
+                "drop one of them"
+            )
+        in_channels = in_channels if in_channels is not None else given
+        if "num_classes" in extra:
+            raise ValueError("model.backbone_kwargs.num_classes is invalid; set model.num_classes instead")
         try:
             # Warnings of a build that fails (e.g. "Initializing zero-element tensors") are noise
             # beside the error; those of a build that works are passed on.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                self.net: nn.Module = build_model(backbone, num_classes, seed=init_seed, **(backbone_kwargs or {}))
-        except Exception as error:  # noqa: BLE001 - any failure to build is a bad model configuration
+                self.net: nn.Module = build_model(backbone, num_classes, in_channels=in_channels, seed=init_seed,
+                                                  **extra)
+        except ValueError:
+            raise  # already one line naming the option (an unknown backbone, a refused argument)
+        except Exception as error:  # noqa: BLE001 - any other failure to build is a bad model configuration
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(
                 f"model.backbone={backbone!r} with model.backbone_kwargs={backbone_kwargs!r} cannot be built: {reason}"

@@ -21,7 +21,7 @@ also `val_dataloader`) is the full test split.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from sparsyfed_lightning.data.sources import (
     known_num_classes,
     load_source,
 )
-from sparsyfed_lightning.data.transforms import RandomCropFlip
+from sparsyfed_lightning.data.transforms import PerSampleTransform, RandomCropFlip, build_transforms
 
 _IMAGE_SHAPES = {
     "cifar10": (3, 32, 32),
@@ -75,6 +75,9 @@ class FederatedDataModule(LightningDataModule):
         cache_dir: where partitions and decoded features are cached; default
             `~/.cache/sparsyfed_lightning` (or under `$XDG_CACHE_HOME`).
         augment: random crop + horizontal flip per training sample (images only; paper: off).
+        transforms: more transforms of each client training sample, applied after `augment`: from
+            YAML a list of `{"class_path": "torchvision.transforms.v2.RandomRotation", "init_args":
+            {...}}` (or import paths), from Python also transform objects (see `transforms.py`).
         audio_features: `waveform` (the paper's 8 kHz waveform, `(1, 8000)`) or `logmel` (40 log-mel
             bands, 30 ms window, 10 ms hop: `(1, 40, 101)`).
         speech_classes: 35 (the paper's words) or 12 (10 commands + unknown + silence).
@@ -97,6 +100,7 @@ class FederatedDataModule(LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         augment: bool = False,
+        transforms: list[dict[str, Any]] | None = None,
         audio_features: Literal["waveform", "logmel"] = "waveform",
         speech_classes: Literal[35, 12] = 35,
         image_column: str | None = None,
@@ -133,7 +137,11 @@ class FederatedDataModule(LightningDataModule):
         except RuntimeError as err:
             raise ValueError(f"device={device!r} is invalid; use e.g. cpu, cuda, cuda:1") from err
         check_device_available(self.device, "device")
-        self.save_hyperparameters(ignore=None if isinstance(partitioner, str) else ["partitioner"])
+        user_transforms = build_transforms(transforms)  # bad class paths fail here, before any data
+        unsaved = [] if isinstance(partitioner, str) else ["partitioner"]
+        if transforms is not None and not all(isinstance(t, str | dict) for t in transforms):
+            unsaved.append("transforms")  # objects given from Python are not configuration
+        self.save_hyperparameters(ignore=unsaved or None)
 
         self.dataset = dataset
         self.path = path
@@ -146,6 +154,7 @@ class FederatedDataModule(LightningDataModule):
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_cache_dir()
         self.augment = augment
+        self.transforms = user_transforms
         self.audio_features = audio_features
         self.speech_classes = speech_classes
         self.image_column = image_column
@@ -161,7 +170,7 @@ class FederatedDataModule(LightningDataModule):
         self._train_index: list[torch.Tensor] = []
         self._test_index: list[torch.Tensor] = []
         self._train_labels: np.ndarray | None = None
-        self._transform: RandomCropFlip | None = None
+        self._transform: PerSampleTransform | None = None
         self._skip_singleton = dataset == "speech_commands"
 
     # ------------------------------------------------------------------ configuration-level facts
@@ -184,6 +193,16 @@ class FederatedDataModule(LightningDataModule):
         assert self._train is not None
         return tuple(self._train[0].shape[1:])
 
+    @property
+    def in_channels(self) -> int | None:
+        """Channels of one input (`input_shape[0]`), e.g. 1 for digits, 3 for CIFAR; None for flat vectors.
+
+        Read from the configuration when `input_shape` is known without loading (linked to
+        `model.in_channels` by the CLI).
+        """
+        shape = self.input_shape
+        return shape[0] if len(shape) >= 2 else None
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Download a Hub dataset into the `datasets` cache (nothing to do for local data)."""
@@ -198,13 +217,7 @@ class FederatedDataModule(LightningDataModule):
         train_x, train_y, test_x, test_y = self._features(source)
         self.partition = self._partition(source, train_y.numpy(), test_y.numpy())
         self._train_labels = train_y.numpy()
-        if self.augment:
-            if train_x.dim() != 4:
-                raise ValueError(
-                    f"augment=True is invalid for dataset {self.dataset!r}: inputs of shape "
-                    f"{tuple(train_x.shape[1:])} are not images"
-                )
-            self._transform = RandomCropFlip(train_x.shape[2], train_x.shape[3])
+        self._transform = self._train_transform(train_x)
         self._skip_singleton = source.kind == "audio"
         device = self.device
         self._train_index = [torch.from_numpy(rows).to(device) for rows in self.partition.train]
@@ -278,25 +291,16 @@ class FederatedDataModule(LightningDataModule):
         )
 
     def plot_class_counts(self, path: str) -> None:
-        """Save a PNG heat map of `class_counts()` (clients x classes)."""
+        """Save a PNG of `class_counts()`: every client's samples per class, with a class legend."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
 
-        counts = self.class_counts()
-        # A Figure with its own Agg canvas: no pyplot state, no display backend needed.
-        figure = Figure(figsize=(min(3 + 0.25 * counts.shape[1], 20), min(2 + 0.2 * counts.shape[0], 20)))
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        image = axes.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
-        figure.colorbar(image, ax=axes, label="training samples")
-        axes.set_xlabel("class")
-        axes.set_ylabel("client")
+        from sparsyfed_lightning.data.figures import class_counts_figure
+
         name = self.partitioner if isinstance(self.partitioner, str) else type(self.partitioner).__name__
-        axes.set_title(
-            f"{self.dataset}: {name}, alpha={self.alpha:g}, {self.num_clients} clients, seed {self.seed}"
-        )
-        figure.tight_layout()
-        figure.savefig(path, format="png")
+        title = f"{self.dataset}: {name}, alpha={self.alpha:g}, {self.num_clients} clients, seed {self.seed}"
+        figure = class_counts_figure(self.class_counts(), title)
+        FigureCanvasAgg(figure)  # a Figure with its own Agg canvas: no pyplot state, no display needed
+        figure.savefig(path, format="png", dpi=120)
 
     # ------------------------------------------------------------------ internals
     def _get_source(self) -> SourceSplits:
@@ -309,6 +313,41 @@ class FederatedDataModule(LightningDataModule):
                 speech_classes=self.speech_classes,
             )
         return self._source
+
+    def _train_transform(self, train_x: torch.Tensor) -> PerSampleTransform | None:
+        """Augmentation, then the user transforms, of every client train batch (None: neither).
+
+        User transforms are tried on one training sample first: one that fails or changes the shape
+        is a configuration error (the global RNG is left as it was).
+        """
+        steps = []
+        if self.augment:
+            if train_x.dim() != 4:
+                raise ValueError(
+                    f"augment=True is invalid for dataset {self.dataset!r}: inputs of shape "
+                    f"{tuple(train_x.shape[1:])} are not images"
+                )
+            steps += RandomCropFlip(train_x.shape[2], train_x.shape[3]).transforms
+        steps += self.transforms
+        if not steps:
+            return None
+        transform = PerSampleTransform(steps)
+        if self.transforms and len(train_x):
+            sample = train_x[:1]
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    changed = transform(sample)
+                except Exception as error:  # noqa: BLE001 - any failure of user code is reported in one line
+                    reason = " ".join(f"{type(error).__name__}: {error}".split())
+                    raise ValueError(
+                        f"data.transforms fail on a training sample of shape {tuple(sample.shape[1:])}: {reason}"
+                    ) from error
+            if changed.shape != sample.shape:
+                raise ValueError(
+                    f"data.transforms change a training sample's shape from {tuple(sample.shape[1:])} to "
+                    f"{tuple(changed.shape[1:])}; they must keep it (the model and the test data use the original)"
+                )
+        return transform
 
     def _client_rows(self, cid: int, split: str) -> torch.Tensor:
         self.setup()

@@ -10,16 +10,23 @@
   size with `H // 8` padding (4 for CIFAR) filled with normalised black (-1), then
   `v2.RandomHorizontalFlip`. It runs inside the loader on each batch and uses torch's global RNG.
   Flips are not label-preserving for digits; augmentation is meant for CIFAR.
+* User transforms (`data.transforms`): any callables on one sample, typically torchvision v2
+  transforms given by `class_path`/`init_args`, applied after the augmentation, per sample, to the
+  normalised float tensors of the client train loaders (never to test data). Like the augmentation
+  they draw from torch's global RNG, which each client fit seeds from its own seed, so a client's
+  draws are the same whether it trains alone or stacked with others (`loaders.StackedBatchLoader`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from sparsyfed_lightning.data.stored import stored_source
+from sparsyfed_lightning.imports import instantiate
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -73,21 +80,56 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, mean=[0.5] * channels, std=[0.5] * channels)
 
 
-class RandomCropFlip:
+SampleTransform = Callable[[torch.Tensor], torch.Tensor]
+_ALLOWED = (
+    'a transform object, an import path, or {"class_path": ..., "init_args": {...}} of a callable class '
+    "(e.g. torchvision.transforms.v2.RandomRotation)"
+)
+
+
+class PerSampleTransform:
+    """Apply `transforms` in order to every sample of a batch, each sample with its own random draws.
+
+    v2 transforms draw one set of parameters per call, so a batch call would crop or rotate every
+    sample the same way; one call per sample keeps them independent.
+    """
+
+    def __init__(self, transforms: Sequence[SampleTransform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        samples = []
+        for sample in batch:
+            for transform in self.transforms:
+                sample = transform(sample)
+            samples.append(sample)
+        return torch.stack(samples)
+
+
+class RandomCropFlip(PerSampleTransform):
     """Per-sample `v2.RandomCrop` (with padding) + `v2.RandomHorizontalFlip` on a normalised batch."""
 
     def __init__(self, height: int, width: int, padding: int | None = None) -> None:
         from torchvision.transforms import v2
 
         self.padding = max(1, height // 8) if padding is None else padding
-        self.per_sample = v2.Compose(
-            [
-                v2.RandomCrop((height, width), padding=self.padding, fill=-1.0),
-                v2.RandomHorizontalFlip(),
-            ]
-        )
+        super().__init__([v2.RandomCrop((height, width), padding=self.padding, fill=-1.0), v2.RandomHorizontalFlip()])
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        # v2 transforms draw one set of parameters per call, so a batch call would crop every
-        # sample the same way; one call per sample keeps them independent.
-        return torch.stack([self.per_sample(sample) for sample in batch])
+
+def build_transforms(specs: Sequence[Any] | None) -> list[SampleTransform]:
+    """The user transforms of `data.transforms`: objects as they are, import paths and class_path dicts built.
+
+    One-line ValueError naming `data.transforms[i]` for anything that cannot be imported, built or called.
+    """
+    if specs is None:
+        return []
+    if isinstance(specs, str | dict) or not isinstance(specs, Sequence):
+        raise ValueError(f"data.transforms={specs!r} is invalid; it must be a list of transforms, each {_ALLOWED}")
+    built = []
+    for index, spec in enumerate(specs):
+        key = f"data.transforms[{index}]"
+        transform = instantiate(spec, key, _ALLOWED) if isinstance(spec, str | dict) else spec
+        if not callable(transform):
+            raise ValueError(f"{key}={spec!r} is not callable on a sample; allowed: {_ALLOWED}")
+        built.append(transform)
+    return built

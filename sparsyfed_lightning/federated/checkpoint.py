@@ -1,8 +1,7 @@
 """Files a run writes and reads back: atomic, integrity-checked, and safe to load from strangers.
 
-* Atomic: every file is written to a temporary file in the same folder (`.<name>.tmp-<random>`),
-  flushed to disk, then renamed over its target, so a reader or a crash never sees half a file.
-  A killed write leaves only such a temporary file; `remove_temp_files` cleans them on the next start.
+* Atomic (`atomic_files.py`): every file is written to a temporary file in the same folder, then
+  renamed over its target, so a reader or a crash never sees half a file.
 * Integrity: a checkpoint or model file is a dict `{"format", "kind", "sha256", "content"}`; the
   SHA-256 covers every tensor's bytes, dtype and shape and every other value of `content` in a fixed
   traversal order, and is verified on load. A truncated, empty or bit-flipped file is a
@@ -10,8 +9,8 @@
 * Untrusted files: everything is loaded with `torch.load(weights_only=True)`, which unpickles only
   tensors and plain containers/numbers/strings: a crafted pickle that names `os.system` is rejected
   instead of run. Everything this project stores in a checkpoint is of those types.
-* Disk full: an `OSError` with `ENOSPC` while writing becomes a `DiskFullError`; the temporary file is
-  removed and the previous file at the target path stays as it was.
+* Disk full: an `OSError` with `ENOSPC` while writing becomes a `DiskFullError`; the previous file at
+  the target path stays as it was.
 
 `RunCheckpoints` keeps the latest checkpoint (`checkpoint.pt`) and the one before it
 (`checkpoint.prev.pt`), so a damaged latest one can be resumed from the previous one.
@@ -19,83 +18,27 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparsyfed_lightning.federated.errors import CheckpointError, DiskFullError
+from sparsyfed_lightning.federated.atomic_files import TEMP_MARK, disk_error, write_atomic
+from sparsyfed_lightning.federated.errors import CheckpointError
 
 FORMAT = "sparsyfed-lightning/2"
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
-TEMP_MARK = ".tmp-"
-
-
-def _write_atomic(path: str | os.PathLike[str], mode: str, write: Callable[[Any], None]) -> None:
-    """Run `write(handle)` on a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
-    except OSError as error:
-        raise _translate(error, path) from error
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _translate(error, path) from error
-        raise
-
-
-def _translate(error: OSError, path: Path) -> OSError:
-    if error.errno == errno.ENOSPC:
-        return DiskFullError(f"the disk is full: writing {path} failed (no space left on device)")
-    return error
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """`torch.save` to `path` so that a reader (or a crash) never sees a half-written file."""
-    _write_atomic(path, "wb", lambda handle: torch.save(obj, handle))
-
-
-def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
-    """Write a text file atomically."""
-    _write_atomic(path, "w", lambda handle: handle.write(text))
-
-
-def append_line(line: str, path: str | os.PathLike[str]) -> None:
-    """Append one line to a text file (e.g. `metrics.jsonl`), with disk-full errors made readable."""
-    path = Path(path)
-    try:
-        with open(path, "a") as handle:
-            handle.write(line if line.endswith("\n") else line + "\n")
-            handle.flush()
-    except OSError as error:
-        raise _translate(error, path) from error
-
-
-def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files that killed atomic writes left in `folder` (and its subfolders)."""
-    removed = []
-    for path in Path(folder).rglob(f".*{TEMP_MARK}*"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    write_atomic(path, "wb", lambda handle: torch.save(obj, handle))
 
 
 def content_digest(content: Any) -> str:
@@ -211,7 +154,7 @@ class RunCheckpoints:
             os.replace(staged, self.latest)
         except OSError as error:
             staged.unlink(missing_ok=True)
-            raise _translate(error, self.latest) from error
+            raise disk_error(error, self.latest) from error
         self.latest_is_good = True
         self.saved_round = round_index
 

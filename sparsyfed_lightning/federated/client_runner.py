@@ -36,7 +36,7 @@ from sparsyfed_lightning.federated.codec import MessageStats, decode_state, enco
 from sparsyfed_lightning.federated.ddp import ShardedBatchLoader
 from sparsyfed_lightning.federated.errors import NonFiniteError
 from sparsyfed_lightning.methods.base import Method
-from sparsyfed_lightning.models.stacked import stack_network, stack_states, unstack_state
+from sparsyfed_lightning.models.stacked import stack_network, stack_states, stacking_mismatch, unstack_state
 
 # Lightning repeats these on every fit of a reused Trainer; they say nothing about a client fit.
 _QUIET_WARNINGS = (
@@ -103,6 +103,7 @@ class ClientRunner:
         self.trainer = self._fit_trainer()
         self._stacked: dict[int, tuple[ClientModule, L.Trainer]] = {}
         self._stacking_refused: str | None = None
+        self._stacking_checked = False  # whether `stacking_mismatch` has run on real inputs
         self._plain_net: torch.nn.Module | None = None
         eval_kwargs = {**trainer_kwargs, **(eval_trainer_kwargs or {})}
         eval_kwargs.pop("sync_batchnorm", None)
@@ -173,6 +174,11 @@ class ClientRunner:
         """
         if not self.method.supports_stacking:
             raise ValueError(f"method {self.method.name!r} cannot train stacked clients")
+        if not self.can_stack(loaders[0]):  # the model's forward mixes stacked clients: train them alone
+            return [
+                self.fit(cid, global_state, loader, lr, seed)
+                for cid, loader, seed in zip(cids, loaders, seeds, strict=True)
+            ]
         module, trainer = self._stacked_module(len(cids))
         module.net.load_state_dict(stack_states([global_state] * len(cids), module.net.state_dict()))
         self._fit_epochs(module, trainer, StackedBatchLoader(loaders, seeds), lr, seeds[0])
@@ -196,11 +202,13 @@ class ClientRunner:
         for trainer in trainers:
             trainer._signal_connector.received_sigterm = True
 
-    def can_stack(self) -> bool:
+    def can_stack(self, loader: Any = None) -> bool:
         """Whether `fit_stacked` is available: the method supports it and the model's layers stack.
 
         Gradient clipping rules it out: the norm would be taken over all stacked clients together;
         so does DDP (its use is few clients with much data, where stacking has nothing to gain).
+        Given a client `loader` (and at the first stacked fit), it also checks on a few of its
+        inputs that the model's forward keeps stacked clients apart (`stacking_mismatch`).
         """
         if not self.method.supports_stacking or self.trainer_kwargs.get("gradient_clip_val") or self.distributed:
             return False
@@ -210,6 +218,11 @@ class ClientRunner:
                 self._stacking_refused = ""
             except ValueError as error:  # a layer type stacking cannot split per client
                 self._stacking_refused = str(error)
+        if not self._stacking_refused and not self._stacking_checked and loader is not None:
+            sample = _sample_inputs(loader, 4)
+            if sample is not None:
+                self._stacking_refused = stacking_mismatch(self._plain_network(), sample) or ""
+                self._stacking_checked = True
         return not self._stacking_refused
 
     def forward_flops(self, loader: Any) -> int | None:
@@ -217,11 +230,11 @@ class ClientRunner:
 
         Reads the batch shape without iterating, so the loader's shuffling is left untouched.
         """
-        inputs = getattr(loader, "inputs", None)
         batch_size = getattr(loader, "batch_size", None)
-        if not isinstance(inputs, torch.Tensor) or not batch_size:
+        sample = _sample_inputs(loader, 1)
+        if sample is None or not batch_size:
             return None
-        sample = torch.zeros(batch_size, *inputs.shape[1:], dtype=torch.float32)
+        sample = torch.zeros(batch_size, *sample.shape[1:], dtype=torch.float32)
         net = self._plain_network()
         try:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -263,6 +276,18 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return key
     return None
+
+
+def _sample_inputs(loader: Any, rows: int) -> torch.Tensor | None:
+    """The first `rows` inputs a `TensorBatchLoader` covers, as float32 on the CPU (None: not such a loader).
+
+    Read without iterating, so the loader's shuffling is left untouched.
+    """
+    inputs, indices = getattr(loader, "inputs", None), getattr(loader, "indices", None)
+    if not isinstance(inputs, torch.Tensor) or inputs.shape[0] == 0:
+        return None
+    selected = inputs[indices[:rows]] if isinstance(indices, torch.Tensor) else inputs[:rows]
+    return selected.detach().to("cpu", torch.float32)
 
 
 def decode_result(result: ClientResult) -> dict[str, torch.Tensor]:

@@ -2,8 +2,8 @@
 
 * `metrics.jsonl`: one JSON line appended per completed round (round 0 = the initial model),
   rewritten from the checkpoint's history on resume;
-* `masks/round_XXXXX.pt`: the global conv/linear masks, bit-packed, every `mask_snapshot_every`
-  rounds and at the last;
+* `masks/round_XXXXX.npz`: the global conv/linear masks, bit-packed (`snapshots.py`, numpy only),
+  every `mask_snapshot_every` rounds and at the last;
 * `checkpoint.pt` (and the one before, `checkpoint.prev.pt`): every `checkpoint_every` rounds, at the
   last round, and when a run stops early (signal, failure);
 * `global_model.pt`: the final global model, when the last round is done.
@@ -24,15 +24,9 @@ from typing import Any
 
 import torch
 
-from sparsyfed_lightning.federated.checkpoint import (
-    RunCheckpoints,
-    append_line,
-    remove_temp_files,
-    save_atomic,
-    save_verified,
-    write_text_atomic,
-)
-from sparsyfed_lightning.sparse.masks import pack_masks
+from sparsyfed_lightning.federated.atomic_files import append_line, remove_temp_files, write_text_atomic
+from sparsyfed_lightning.federated.checkpoint import RunCheckpoints, save_verified
+from sparsyfed_lightning.federated.snapshots import save_mask_snapshot
 
 METRICS_NAME = "metrics.jsonl"
 FINAL_MODEL_NAME = "global_model.pt"
@@ -67,7 +61,8 @@ class RunFiles:
         append_line(_json_line(metrics), self.run_dir / METRICS_NAME)
         round_index = metrics["round"]
         if round_index % self.mask_snapshot_every == 0 or round_index == self.rounds:
-            save_atomic(pack_masks(masks), self.run_dir / MASKS_DIR / f"round_{round_index:05d}.pt")
+            arrays = {key: mask.cpu().numpy() for key, mask in masks.items()}
+            save_mask_snapshot(arrays, self.run_dir / MASKS_DIR / f"round_{round_index:05d}.npz")
 
     def round_completed(self, round_index: int, content: dict[str, Any]) -> None:
         """Keep `content` as the last completed round's checkpoint; write it when due."""

@@ -545,16 +545,17 @@ class FederatedTrainer(L.Trainer):
 
     def _clients_per_stacked_fit(self, runner: ClientRunner, datamodule: Any) -> int:
         """`stack_clients` with "auto" resolved; 1 where stacking is unavailable (see its doc)."""
-        if not runner.can_stack():
+        try:
+            probe = datamodule.client_train_dataloader(0)
+        except Exception:  # noqa: BLE001 - a client that cannot load fails in its round, not here
+            probe = None
+        if not runner.can_stack(probe):  # with a loader, also checks the model keeps stacked clients apart
             return 1
         if self.stack_clients != "auto":
             return self.stack_clients
         if runner.trainer.strategy.root_device.type != "cpu":
             return AUTO_STACK_CLIENTS
-        try:
-            flops = runner.forward_flops(datamodule.client_train_dataloader(0))
-        except Exception:  # noqa: BLE001 - a client that cannot load fails in its round, not here
-            flops = None
+        flops = runner.forward_flops(probe) if probe is not None else None
         return AUTO_STACK_CLIENTS if flops is not None and flops < STACK_ON_CPU_BELOW_FLOPS else 1
 
     def _client_lr(self, round_index: int, model: ClientModule) -> float:

@@ -9,7 +9,8 @@ The orchestrator (any engine) drives a method through these hooks, in this order
 4. `server_update(round, aggregate)` on the sample-weighted average, before the server optimizer;
 5. `on_global_loaded(net)` whenever the server loads a global state for evaluation.
 
-`prepare_model(net)` is applied once to the freshly built backbone (e.g. Powerprop wrapping).
+`prepare_model(net)` is applied once to the freshly built backbone (e.g. Powerprop wrapping); it
+first refuses layers the method cannot sparsify (`check_model`).
 A method is configured by plain typed constructor arguments, so LightningCLI/jsonargparse can build
 it from `class_path`/`init_args` or the short form `--method SparsyFed --method.sparsity 0.99`.
 """
@@ -25,6 +26,7 @@ from torch import nn
 from sparsyfed_lightning.checks import check_number
 from sparsyfed_lightning.client.callbacks import EndOfFitPruning
 from sparsyfed_lightning.sparse import check_sparsity, layers_outside_authors_walk
+from sparsyfed_lightning.sparse.layers import check_supported_layers
 
 
 def layers_left_plain(net: nn.Module, wrap_downsample: bool) -> list[str]:
@@ -60,8 +62,16 @@ class Method:
         self.round = 0
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
-        """Wrap the freshly built backbone (once per run); returns the network to train."""
+        """Wrap the freshly built backbone (once per run); returns the network to train.
+
+        Subclasses that wrap the network call this first: it checks the layers (`check_model`).
+        """
+        self.check_model(net)
         return net
+
+    def check_model(self, net: nn.Module) -> None:
+        """Refuse, in one line, a network with layers this method cannot sparsify correctly."""
+        check_supported_layers(net, self.name)
 
     def build_callbacks(self) -> list[L.Callback]:
         """The client-side callbacks of this method (called once; see `client_callbacks`)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from sparsyfed_lightning.methods.base import Method
 
 
@@ -12,3 +14,6 @@ class Dense(Method):
 
     def __init__(self) -> None:
         super().__init__(sparsity=0.0)
+
+    def check_model(self, net: nn.Module) -> None:
+        """Any network trains densely: nothing is sparsified."""

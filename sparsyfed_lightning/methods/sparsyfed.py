@@ -57,6 +57,7 @@ class SparsyFed(Method):
         self._plain_layers: list[str] = []
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
+        net = super().prepare_model(net)
         self._plain_layers = layers_left_plain(net, self.wrap_downsample)
         return powerpropify(net, self.beta, skip=self._plain_layers)
 

@@ -58,7 +58,7 @@ class SparsyFedSpectral(Method):
     def prepare_model(self, net: nn.Module) -> nn.Module:
         self._plain_layers = layers_left_plain(net, self.wrap_downsample)
         # Any exponent > 1 registers the parametrization; the real per-layer ones are set next.
-        powerpropify(net, 2.0, keep_effective_weights=False, skip=self._plain_layers)
+        powerpropify(super().prepare_model(net), 2.0, keep_effective_weights=False, skip=self._plain_layers)
         update_spectral_exponents(net, self.seed)
         return net
 

@@ -20,9 +20,10 @@ from sparsyfed_lightning.sparse import check_sparsity, prunable_layers
 class ZeroFL(Method):
     """Layer-wise weight Top-K in every training forward plus fixed-fraction activation pruning.
 
-    Active from round 1. The first conv (the stem) trains densely but is pruned at the end of the
-    fit with the others. `mask_ratio` is subtracted from `sparsity` for training and uplink, as
-    in the authors' code (0 in every run they report).
+    Active from round 1. The first conv (the stem; in a network without convs its first linear
+    layer) trains densely but is pruned at the end of the fit with the others. `mask_ratio` is
+    subtracted from `sparsity` for training and uplink, as in the authors' code (0 in every run
+    they report).
 
     Args:
         sparsity: target sparsity, in [0, 1).
@@ -56,8 +57,12 @@ class ZeroFL(Method):
         self._skip: list[str] = []
 
     def prepare_model(self, net: nn.Module) -> nn.Module:
+        net = super().prepare_model(net)
         convs = [name for name, m in prunable_layers(net) if isinstance(m, nn.Conv1d | nn.Conv2d)]
-        self._skip = (convs[:1] if self.first_layer_dense else []) + layers_left_plain(net, self.wrap_downsample)
+        # The stem: the first conv (the authors' models); a network without any, such as the `vit`
+        # backbone, keeps its first linear layer (the patch embedding) dense instead.
+        stem = convs[:1] or [name for name, _ in prunable_layers(net)][:1]
+        self._skip = (stem if self.first_layer_dense else []) + layers_left_plain(net, self.wrap_downsample)
         return net
 
     def build_callbacks(self) -> list[L.Callback]:

@@ -114,3 +114,37 @@ def unstack_state(
 def client_slices(tensor: torch.Tensor, copies: int) -> list[torch.Tensor]:
     """The `copies` client parts of a stacked entry, as flat views (in-place edits reach `tensor`)."""
     return list(tensor.view(copies, -1).unbind(0))
+
+
+@torch.no_grad()
+def stacking_mismatch(net: nn.Module, sample: torch.Tensor, copies: int = 2) -> str | None:
+    """Why stacking `net` would not compute its copies separately on inputs like `sample`, or None.
+
+    `stack_network` checks layer types only; a model's own `forward` can still mix the channels of
+    the stacked copies (a softmax or normalisation over channels, a reshape into heads). This runs
+    `copies` differently perturbed copies of `net` alone and stacked, in eval mode, on shifted
+    `sample` rows, and compares the outputs.
+    """
+    try:
+        stacked = stack_network(net, copies).eval()
+    except ValueError as error:
+        return str(error)
+    generator = torch.Generator().manual_seed(0)
+    singles = []
+    for _ in range(copies):
+        single = copy.deepcopy(net).eval()
+        for parameter in single.parameters():
+            noise = torch.randn(parameter.shape, generator=generator).to(parameter.device, parameter.dtype)
+            parameter.add_(0.5 * noise * parameter.detach().abs().mean().clamp_min(1e-3))
+        singles.append(single)
+    inputs = [sample.roll(i, 0) for i in range(copies)]
+    try:
+        stacked.load_state_dict(stack_states([s.state_dict() for s in singles], stacked.state_dict()))
+        expected = torch.cat([s(x) for s, x in zip(singles, inputs, strict=True)], dim=1)
+        got = stacked(torch.cat(inputs, dim=1))
+    except (RuntimeError, ValueError) as error:
+        return f"client stacking fails on this model's forward ({' '.join(str(error).split())[:200]})"
+    scale = expected.abs().max().clamp_min(1e-6)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(scale)):
+        return f"client stacking would mix the clients of {type(net).__name__}: its forward combines channels"
+    return None

@@ -80,3 +80,53 @@ def layer_densities(model: nn.Module) -> dict[str, torch.Tensor]:
         name: torch.count_nonzero(stored_weight(m)).to(torch.float32) / stored_weight(m).numel()
         for name, m in prunable_layers(model)
     }
+
+
+# Layers that hold weight matrices the sparse machinery cannot reach: Powerprop, activation
+# pruning and pruning act on the `weight` of Conv1d/Conv2d/Linear layers through their own forward.
+_UNREACHABLE_WEIGHTS: tuple[tuple[type[nn.Module], str], ...] = (
+    (
+        nn.MultiheadAttention,
+        "it keeps its input projection as a raw Parameter and uses out_proj's weight without calling "
+        "out_proj, so Powerprop, activation pruning and pruning would miss them; write attention with "
+        "nn.Linear projections (as the `vit` backbone does)",
+    ),
+    (nn.Embedding, "its table is not a conv/linear weight and would stay dense and unpruned"),
+    (nn.EmbeddingBag, "its table is not a conv/linear weight and would stay dense and unpruned"),
+    (nn.RNNBase, "its weight matrices are raw Parameters of a fused kernel and would stay dense and unpruned"),
+    (nn.RNNCellBase, "its weight matrices are raw Parameters and would stay dense and unpruned"),
+)
+
+
+def unsupported_layers(model: nn.Module) -> list[tuple[str, str, str]]:
+    """`(name, type, reason)` for every layer whose weights the sparse methods cannot handle.
+
+    Besides the known types above, any other `torch.nn` layer that owns a weight of two or more
+    dimensions outside Conv1d/Conv2d/Linear (Conv3d, ConvTranspose*, Bilinear, ...) is listed.
+    Parameters of a model's own modules (learned position embeddings, class tokens) and
+    normalisation parameters are not: like biases they are trained and sent dense.
+    """
+    found: list[tuple[str, str, str]] = []
+    inside_refused: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in inside_refused):
+            continue  # e.g. out_proj inside a refused MultiheadAttention
+        reason = next((why for kind, why in _UNREACHABLE_WEIGHTS if isinstance(module, kind)), None)
+        if reason is None and not isinstance(module, PRUNABLE_TYPES) and type(module).__module__.startswith("torch.nn"):
+            if any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+                reason = "only Conv1d, Conv2d and Linear weights are sparsified; its weight would stay dense"
+        if reason is not None:
+            found.append((name or "(the model)", type(module).__name__, reason))
+            inside_refused.append(name)
+    return found
+
+
+def check_supported_layers(model: nn.Module, method: str) -> None:
+    """Raise a one-line ValueError naming the first layer that `method` cannot handle (see `unsupported_layers`)."""
+    unsupported = unsupported_layers(model)
+    if unsupported:
+        name, kind, reason = unsupported[0]
+        more = f" (and {len(unsupported) - 1} more such layers)" if len(unsupported) > 1 else ""
+        raise ValueError(
+            f"model.backbone: layer {name!r} ({kind}) cannot be trained by method {method}: {reason}{more}"
+        )
