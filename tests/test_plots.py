@@ -151,7 +151,7 @@ def test_a_failed_snapshot_write_leaves_the_previous_file(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(snapshots.np, "savez", half_written)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="the disk is full"):
         save_mask_snapshot({"w": np.zeros(4, dtype=bool)}, path)
     monkeypatch.undo()
     assert np.array_equal(load_mask_snapshot(path)["w"], np.ones(4, dtype=bool))
