@@ -493,7 +493,8 @@ TRACEBACKS_BEFORE = [
     (["--model.backbone_kwargs.width", "0"], "model.backbone='small_cnn' with model.backbone_kwargs={'width': 0}"),
     (["--trainer.min_successful_clients", "3"], "trainer.min_successful_clients=3 is invalid; it must be <= "
                                                 "trainer.clients_per_round=2"),
-    (["--model.backbone", "resnet18_speech"], "cannot take the inputs of data.dataset='digits'"),
+    (["--model.backbone", "resnet18_speech", "--model.backbone_kwargs", "{}"],
+     "cannot take the inputs of data.dataset='digits'"),
     (["--method.sparsityy", "0.9"], "Option 'sparsityy' is not accepted"),
     (["--method.sparsity", "nan"], "Got value: nan"),
     (["--model.lr", "nan"], 'Parser key "model.lr"'),
