@@ -137,6 +137,23 @@ def test_console_script_exit_status_and_version():
     assert out.returncode == 0 and out.stdout.startswith("sparsyfed-lightning ")
 
 
+@pytest.mark.parametrize(("argv", "status", "shown"), [
+    (["--version"], 0, "sparsyfed-lightning "),
+    (["--help"], 0, "plot"),
+    ([], 2, "usage: sparsyfed"),
+    (["plot", "/nonexistent-run"], 2, "/nonexistent-run is not a directory"),
+])
+def test_version_help_and_plot_answer_without_torch_or_lightning(argv, status, shown):
+    code = (
+        "import sys; from sparsyfed_lightning.cli import main; code = main(sys.argv[1:]); "
+        "print('LOADED', sorted(m for m in ('torch', 'lightning') if m in sys.modules)); sys.exit(code)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert out.returncode == status, out.stderr
+    assert "LOADED []" in out.stdout
+    assert shown in out.stdout + out.stderr
+
+
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
     common = ["--trainer.rounds", "30", "--trainer.eval_every", "30", "--trainer.checkpoint_every", "2"]
     reference = tmp_path / "reference"
