@@ -45,6 +45,8 @@ _QUIET_WARNINGS = (
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ".*The number of training batches .* is smaller than the logging interval.*",
     ".*Experiment logs directory .* exists and is not empty.*",
+    # Under DDP every rank evaluates the whole test set alone: nothing to synchronise.
+    ".*It is recommended to use `self.log\\('val_.*sync_dist=True.*",
 )
 
 

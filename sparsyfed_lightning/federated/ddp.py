@@ -155,6 +155,8 @@ class ShardedBatchLoader:
     def __init__(self, loader: TensorBatchLoader, rank: int, world: int) -> None:
         self.loader = copy.copy(loader)
         self.loader.batch_size = loader.batch_size * world
+        # Its own shuffling generator, in the state the client's loader is in (a shallow copy shares it).
+        self.loader._generator = torch.Generator().set_state(loader._generator.get_state())
         self.rank = rank
         self.world = world
         self.num_samples = loader.num_samples
