@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 from jsonargparse import lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.hub import DatasetUnavailableError
@@ -110,8 +110,7 @@ class SparsyFedCLI(LightningCLI):
         if not self._ckpt_path:
             counts = self.datamodule.class_counts().tolist()  # type: ignore[attr-defined]
             write_text_atomic(json.dumps(counts), run_dir / "class_counts.json")
-        if not trainer.loggers:  # on resume the CSV is rewritten with the history from the checkpoint
-            trainer.logger = CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        trainer.logged_config = _flatten(yaml.safe_load(self._dump(config)))
         print(f"run directory: {run_dir}", file=sys.stderr)
 
     def fit(self, model: ClientModule, datamodule: FederatedDataModule, **kwargs: Any) -> None:
@@ -265,7 +264,7 @@ def run_lightning_cli(args: list[str] | None) -> int:
     except SparsyFedError as error:
         _say(_first_line(error), quiet)
         return error.exit_status
-    except (ValueError, FileNotFoundError, DatasetUnavailableError) as error:
+    except (ValueError, FileNotFoundError, DatasetUnavailableError, MisconfigurationException) as error:
         _say(_one_line(error, shown), quiet)
         return 2
     except Exception as error:

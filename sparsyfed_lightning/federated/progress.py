@@ -70,3 +70,19 @@ class RoundProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+def summary_of_run(history: list[dict[str, Any]], seconds: float) -> str:
+    """The one line printed when a run ends: final accuracy, density, communication against dense, time."""
+    last = history[-1]
+    evaluated = [m for m in history if "test_accuracy" in m]
+    parts = [f"done: {last['round']} rounds"]
+    if evaluated:
+        parts.append(f"test accuracy {100 * evaluated[-1]['test_accuracy']:.2f}% (round {evaluated[-1]['round']})")
+    if "density" in last:
+        parts.append(f"density {100 * last['density']:.2f}%")
+    if "cumulative_uplink_bytes" in last:
+        total = last["cumulative_uplink_bytes"] + last["cumulative_downlink_bytes"]
+        parts.append(f"communication {_format_bytes(total)} ({last['cumulative_ratio_to_dense']:.3f}x dense)")
+    parts.append(f"{seconds:.0f} s")
+    return " | ".join(parts)

@@ -32,6 +32,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from sparsyfed_lightning.checks import check_flag, check_integer, check_number
 from sparsyfed_lightning.client.module import ClientModule
@@ -44,7 +46,14 @@ from sparsyfed_lightning.federated.devices import plan_devices
 from sparsyfed_lightning.federated.engines import InProcessEngine, RoundAbandoned
 from sparsyfed_lightning.federated.engines_flower import FlowerConfig, require_flower
 from sparsyfed_lightning.federated.errors import CheckpointError, RunFailedError, RunInterrupted
-from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress
+from sparsyfed_lightning.federated.lightning_hooks import (
+    RoundHooks,
+    callback_states,
+    check_federated_options,
+    loggable,
+    restore_callback_states,
+)
+from sparsyfed_lightning.federated.progress import ProgressMode, RoundProgress, summary_of_run
 from sparsyfed_lightning.federated.run_files import FINAL_MODEL_NAME, METRICS_NAME, RunFiles
 from sparsyfed_lightning.federated.rundir import RunDirectory
 from sparsyfed_lightning.federated.sampling import ClientSampler, UniformSampler
@@ -221,8 +230,15 @@ class FederatedTrainer(L.Trainer):
         if num_threads is not None:
             check_integer(num_threads, "trainer.num_threads", minimum=1)
         self.num_threads = num_threads
-        # The round loop logs, checkpoints and reports progress itself; Lightning's own versions of
-        # these belong to single fits. None (what LightningCLI passes for "unset") means off too.
+        check_federated_options(kwargs)
+        # The round loop reports progress itself (`progress`). Lightning's default checkpointing and model
+        # summary belong to single fits: None (what LightningCLI passes for "unset") means off. The default
+        # logger (None) is a CSV logger inside the run directory once there is one; False means none.
+        self._default_logger = kwargs.get("logger") is None
+        if kwargs.get("enable_checkpointing") is None and any(
+            isinstance(callback, Checkpoint) for callback in kwargs.get("callbacks") or []
+        ):
+            kwargs["enable_checkpointing"] = True  # a user's ModelCheckpoint is checkpointing asked for
         for key in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"):
             if kwargs.get(key) is None:
                 kwargs[key] = False
@@ -238,8 +254,10 @@ class FederatedTrainer(L.Trainer):
         except (MisconfigurationException, TypeError) as error:
             # e.g. accelerator="gpu" on a machine without one, devices=-1 on a CPU: Lightning's reason,
             # named by the options that chose the device.
-            chosen = ", ".join(f"trainer.{k}={kwargs[k]!r}" for k in ("accelerator", "devices") if k in kwargs)
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if not any(word in reason.lower() for word in ("accelerator", "device", "gpu", "cuda", "cpu")):
+                raise ValueError(f"trainer: {reason}") from None
+            chosen = ", ".join(f"trainer.{k}={kwargs[k]!r}" for k in ("accelerator", "devices") if k in kwargs)
             raise ValueError(f"{chosen or 'the trainer options'} cannot be used on this machine: {reason}") from None
         if engine == "flower" and self.device_plan.mode != "single":
             raise ValueError(
@@ -259,6 +277,7 @@ class FederatedTrainer(L.Trainer):
         self._decay_horizon: int | None = None
         self._run_dir_handle: RunDirectory | None = None
         self._collapsed: set[str] = set()
+        self.logged_config: dict[str, Any] | None = None  # the CLI's resolved configuration, for the loggers
 
     # -- public entry points ---------------------------------------------------------------------
     def fit(  # type: ignore[override]
@@ -288,6 +307,7 @@ class FederatedTrainer(L.Trainer):
         children = ddp.launch_ranks(self.device_plan.count)  # rank 0 starts the others (see ddp.py)
         try:
             ddp.init_process_group(self.device_plan.accelerator, self.device_plan.count)
+            self.strategy.set_world_ranks()  # this Trainer's own ranks (rank-zero-only loggers and callbacks)
             self._fit(model, datamodule)
         finally:
             codes = ddp.finish(children)
@@ -299,12 +319,15 @@ class FederatedTrainer(L.Trainer):
         server, runner = self.server, self.runner
         assert server is not None and runner is not None
         files = self._run_files()
+        hooks = RoundHooks(self, model)
+        started = time.perf_counter()
         try:
             with StopSignals(on_signal=runner.request_stop) as stop:
                 engine = self._build_engine(model, runner, datamodule, stop)
                 try:
-                    self._run_rounds(datamodule, engine, files, stop)
+                    self._run_rounds(datamodule, engine, files, stop, hooks)
                 except BaseException as error:
+                    hooks.exception(error)
                     self._stop(error, files, stop)
                     raise
                 finally:
@@ -312,7 +335,11 @@ class FederatedTrainer(L.Trainer):
                         engine.close()
             model.net.load_state_dict(server.global_state)
             if files is not None:
+                files.save_last_completed()  # a run stopped early by a callback ends with its checkpoint too
                 files.save_final_model(server.global_state)
+            hooks.fit_end()
+            if self.is_writer and self.progress_mode != "none":
+                print(summary_of_run(self.history, time.perf_counter() - started), flush=True)
         finally:
             if self._run_dir_handle is not None:
                 self._run_dir_handle.release()
@@ -335,6 +362,8 @@ class FederatedTrainer(L.Trainer):
             self._resume_content = self._load_resumable(ckpt_path)
         else:
             self._decay_horizon = self.lr_decay_rounds if self.lr_decay_rounds is not None else self.rounds
+        if self.run_dir is not None and self.is_writer and self._default_logger and not self.loggers:
+            self.logger = CSVLogger(save_dir=str(self.run_dir), name="logs", version="")
         if self.run_dir is not None and self.is_writer:
             self._run_dir_handle = RunDirectory.claim(
                 self.run_dir, resume=ckpt_path is not None, overwrite=self.overwrite,
@@ -395,9 +424,11 @@ class FederatedTrainer(L.Trainer):
         }
 
     # -- the round loop ----------------------------------------------------------------------------
-    def _run_rounds(self, datamodule: Any, engine: Any, files: RunFiles | None, stop: StopSignals) -> None:
+    def _run_rounds(
+        self, datamodule: Any, engine: Any, files: RunFiles | None, stop: StopSignals, hooks: RoundHooks
+    ) -> None:
         server = self.server
-        assert server is not None
+        assert server is not None and self.runner is not None
         if self._resume_content is not None:
             start = self._restore(self._resume_content) + 1
             self._resume_content = None
@@ -407,6 +438,8 @@ class FederatedTrainer(L.Trainer):
             start = 1
         if files is not None:
             files.start(self.history)
+        self._log_hyperparameters()
+        hooks.fit_start(start - 1)
         if start == 1:
             self._round_completed(self._evaluate({"round": 0}, datamodule), files)
         progress_mode = self.progress_mode if self.is_writer else "none"
@@ -415,11 +448,27 @@ class FederatedTrainer(L.Trainer):
                 if ddp.any_rank(stop.requested):  # DDP: every rank stops at the same round
                     stop.request(stop.signum or signal.SIGTERM)
                     raise RoundAbandoned(f"stopped before round {round_index}")
+                hooks.round_start(round_index, self._client_lr(round_index, self.runner.module))
                 metrics = self._run_round(round_index, engine, datamodule)
                 if self.device_plan.mode == "ddp":
                     self._check_ranks_agree(round_index)
                 self._round_completed(metrics, files)
                 progress.update(metrics)
+                if hooks.round_end(metrics):
+                    if self.is_writer:
+                        print(f"sparsyfed: a callback stopped the run after round {round_index}", file=sys.stderr)
+                    break
+
+    def _log_hyperparameters(self) -> None:
+        """The run's configuration for the loggers (the CLI's resolved config, else the settings)."""
+        if not self.loggers:
+            return
+        hparams = self.logged_config if self.logged_config is not None else {
+            **{f"trainer.{k}": v for k, v in self.settings().items()},
+            **{f"model.{k}": v for k, v in getattr(self.runner.module, "hparams", {}).items()},  # type: ignore[union-attr]
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams(hparams)
 
     def _check_ranks_agree(self, round_index: int) -> None:
         """DDP: every rank must hold the same global model after every round (a SHA-256 per rank)."""
@@ -468,7 +517,8 @@ class FederatedTrainer(L.Trainer):
     def _checkpoint_content(self) -> dict[str, Any]:
         """What a checkpoint of the current (completed) round holds."""
         assert self.server is not None
-        return {"server": self.server.state_dict(), "history": list(self.history), "settings": self.settings()}
+        return {"server": self.server.state_dict(), "history": list(self.history), "settings": self.settings(),
+                "callbacks": callback_states(self)}
 
     def _warn_collapsed(self, metrics: dict[str, Any]) -> None:
         new = [key for key in metrics.get("collapsed_layers", ()) if key not in self._collapsed]
@@ -601,12 +651,9 @@ class FederatedTrainer(L.Trainer):
         return metrics
 
     def _log_to_loggers(self, metrics: dict[str, Any]) -> None:
-        numeric = {
-            k: float(v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
-        }
+        row = loggable(metrics)
         for logger in self.loggers:
-            logger.log_metrics(numeric, step=metrics["round"])
+            logger.log_metrics(row, step=metrics["round"])
             logger.save()
 
     def _load_resumable(self, ckpt_path: str) -> dict[str, Any]:
@@ -635,6 +682,7 @@ class FederatedTrainer(L.Trainer):
     def _restore(self, content: dict[str, Any]) -> int:
         assert self.server is not None
         self.server.load_state_dict(content["server"])
+        restore_callback_states(self, content.get("callbacks", {}))
         self.history = list(content["history"])
         self._collapsed = {key for metrics in self.history for key in metrics.get("collapsed_layers", ())}
         for metrics in self.history:  # loggers that restart their files get the whole history again
