@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +42,18 @@ def run_rounds(digits_module):
         return trainer
 
     return run
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    """A 2-round `sparsyfed fit` config on 4 digits clients (width-4 small_cnn, SparsyFed 90%)."""
+    config = {
+        "trainer": {"rounds": 2, "clients_per_round": 2, "eval_every": 2, "progress": "none",
+                    "accelerator": "cpu", "devices": 1, "checkpoint_every": 1},
+        "model": {"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "lr": 0.05},
+        "data": {"dataset": "digits", "num_clients": 4, "batch_size": 64, "cache_dir": str(tmp_path / "cache")},
+        "method": {"class_path": "sparsyfed_lightning.methods.SparsyFed", "init_args": {"sparsity": 0.9}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -38,20 +38,6 @@ from sparsyfed_lightning.methods import Dense, SparsyFed, TopK
 from sparsyfed_lightning.server.optimizers import FedAvg
 
 
-@pytest.fixture
-def tiny_config(tmp_path) -> Path:
-    config = {
-        "trainer": {"rounds": 2, "clients_per_round": 2, "eval_every": 2, "progress": "none",
-                    "accelerator": "cpu", "devices": 1, "checkpoint_every": 1},
-        "model": {"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "lr": 0.05},
-        "data": {"dataset": "digits", "num_clients": 4, "batch_size": 64, "cache_dir": str(tmp_path / "cache")},
-        "method": {"class_path": "sparsyfed_lightning.methods.SparsyFed", "init_args": {"sparsity": 0.9}},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def _fit(config: Path, run_dir: Path, *extra: str) -> int:
     return main(["fit", "--config", str(config), "--trainer.run_dir", str(run_dir), *extra])
 
