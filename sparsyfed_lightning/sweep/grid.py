@@ -120,10 +120,11 @@ def run_names(points: list[dict[str, Any]], order: list[str]) -> list[str]:
             if key in point:
                 parts.append(f"{labels[written]}={name_value(point[key])}")
         names.append(",".join(parts))
-    for index, name in enumerate(names):
+    plain = list(names)
+    for index, name in enumerate(plain):
         # A value whose characters were replaced can meet another one; long names are cut. Both get
         # a short digest of the point so that every run has its own directory.
-        if names.count(name) > 1 or len(name.encode()) > _MAX_NAME:
+        if plain.count(name) > 1 or len(name.encode()) > _MAX_NAME:
             digest = hashlib.sha256(json.dumps(points[index], sort_keys=True).encode()).hexdigest()[:8]
             names[index] = f"{name.encode()[:_MAX_NAME - 9].decode(errors='ignore')}-{digest}"
     return names

@@ -89,7 +89,7 @@ def render_markdown(rows: list[Row], columns: list[tuple[Any, ...]], layout: Lay
     """The two Markdown tables of the module doc."""
     names = short_names(layout.rows + layout.columns + layout.aggregate)
     label_keys = layout.rows[len(layout.groups):]
-    label_header = "method" if "method" in label_keys else ", ".join(names[k] for k in label_keys) or "run"
+    label_header = ", ".join(names[k] for k in label_keys) or "run"
     group_header = ", ".join(names[k] for k in layout.groups)
     unit = " (%)" if _scale(metric) == 100 else ""
     seeds = f", mean ± std over {', '.join(layout.aggregate)}" if layout.aggregate else ""
