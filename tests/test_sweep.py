@@ -456,3 +456,33 @@ def _one_error_line(capsys) -> str:
     assert len(err) == 1, err
     assert err[0].startswith("sparsyfed: error: "), err
     return err[0]
+
+
+# -- the documented sweeps ---------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTED_RUNS = {"configs/sweeps/digits_fidelity.yaml": 78, "configs/sweeps/digits_guarded.yaml": 30,
+                   "configs/sweeps/digits_ablations.yaml": 30}
+
+
+def test_the_documented_sweeps_exist_expand_to_their_run_counts_and_their_runs_are_valid():
+    import re
+
+    from sparsyfed_lightning.lightning_cli import check_fit_arguments
+
+    commands = set()
+    for doc in ("README.md", "docs/RESULTS.md", "docs/SWEEPS.md", "benchmarks/fidelity.py"):
+        commands |= set(re.findall(r"sparsyfed sweep --config (configs/\S+) --grid (configs/[\w/]+\.yaml)",
+                                   (ROOT / doc).read_text()))
+    assert {grid for _, grid in commands} == set(DOCUMENTED_RUNS)
+    for config, grid in commands:
+        assert config == "configs/fidelity_digits.yaml"
+        points = expand_grid(load_grid(ROOT / grid))
+        assert len(points) == DOCUMENTED_RUNS[grid], grid
+        # Every distinct method setting once (alpha and seed are plain numbers): a quick full check.
+        distinct = {json.dumps({k: v for k, v in p.values.items() if not k.startswith(("data.", "trainer.",
+                                                                                           "model."))}): p
+                    for p in points}
+        definition = SweepDefinition.create([str(ROOT / config)], load_grid(ROOT / grid), [], points)
+        checks = check_fit_arguments([definition.fit_arguments(p, Path("unused") / p.name)
+                                      for p in distinct.values()])
+        assert [c.error for c in checks] == [None] * len(distinct), grid
