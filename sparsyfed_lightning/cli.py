@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "plot":
         from sparsyfed_lightning.sweep.definition import is_sweep_dir
 
-        positional = [a for a in args[1:] if not a.startswith("-")]
-        if len(positional) == 1 and is_sweep_dir(positional[0]):
+        if any(is_sweep_dir(a) for a in args[1:] if not a.startswith("-")):
             from sparsyfed_lightning.sweep.plots import plot_sweep_main
 
             return plot_sweep_main(args[1:])

@@ -120,6 +120,9 @@ def sweep_main(argv: list[str]) -> int:
     except (SweepUsageError, GridError, SweepDefinitionError) as error:
         print(f"sparsyfed: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the pool (which handles signals itself): nothing was started
+        print("sparsyfed: error: interrupted before any run started", file=sys.stderr)
+        return 130
 
 
 def _sweep(args: argparse.Namespace, fit_args: list[str]) -> int:
