@@ -24,9 +24,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 from sparsyfed_lightning.federated.rundir import LockHeldError, acquire_lock, lock_holder
+from sparsyfed_lightning.sweep.arguments import OneLineParser, SweepUsageError
 from sparsyfed_lightning.sweep.definition import (
     DEFINITION_NAME,
     LOGS_DIR,
@@ -55,15 +55,6 @@ _RESERVED_FIT_ARGS = ("--trainer.run_dir", "--resume", "--overwrite", "--config"
 ORPHAN_WAIT_S = 120.0  # how long to wait for runs of a killed sweep to checkpoint and release their locks
 
 
-class SweepUsageError(ValueError):
-    """A bad sweep command (one line; exit status 2, nothing started)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise SweepUsageError(message)
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,7 +71,7 @@ _positive.__name__ = "integer >= 1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="sparsyfed sweep",
         description="Run a grid of `sparsyfed fit` runs (one run directory per point under SWEEP_DIR) over "
                     "this machine's CPU cores or GPUs. Re-running the same command skips finished runs and "
@@ -125,7 +116,8 @@ def sweep_main(argv: list[str]) -> int:
         return 130
 
 
-def _sweep(args: argparse.Namespace, fit_args: list[str]) -> int:
+def _check_inputs(args: argparse.Namespace, fit_args: list[str]) -> None:
+    """The arguments after `--` leave the sweep's own to it; the base configs exist."""
     for item in fit_args:
         if item.split("=", 1)[0] in _RESERVED_FIT_ARGS:
             raise SweepUsageError(f"{item.split('=', 1)[0]} cannot be given to the runs of a sweep after `--`; the "
@@ -133,6 +125,11 @@ def _sweep(args: argparse.Namespace, fit_args: list[str]) -> int:
     for config in args.config:
         if not Path(config).is_file():
             raise SweepUsageError(f"--config {config} does not exist or is not a file")
+
+
+def _sweep(args: argparse.Namespace, fit_args: list[str]) -> int:
+    """Check everything, then run what is not finished (module doc)."""
+    _check_inputs(args, fit_args)
     grid = load_grid(args.grid)
     points = expand_grid(grid, f"--grid {args.grid}")
     sweep_dir = Path(args.out) if args.out else Path("sweeps") / Path(args.grid).stem

@@ -15,7 +15,6 @@ finished are left out of the figures (the table lists them as missing). Only mat
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from sparsyfed_lightning.sweep.arguments import OneLineParser  # noqa: E402
 from sparsyfed_lightning.sweep.definition import SweepDefinitionError  # noqa: E402
 from sparsyfed_lightning.sweep.grid import name_value  # noqa: E402
 from sparsyfed_lightning.sweep.results import (  # noqa: E402
@@ -245,12 +245,12 @@ def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None, metric: str
 
 def plot_sweep_main(argv: list[str]) -> int:
     """`sparsyfed plot SWEEP_DIR [--out DIR] [--metric KEY]`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="sparsyfed plot", description="Write a sweep's comparison figures.")
+    parser = OneLineParser(prog="sparsyfed plot", description="Write a sweep's comparison figures.")
     parser.add_argument("sweep_dir", help="a directory written by `sparsyfed sweep`")
     parser.add_argument("--out", help="folder for the figures (default: the sweep directory)")
     parser.add_argument("--metric", default="test_accuracy", help="the final metric compared (default test_accuracy)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         paths = plot_sweep(args.sweep_dir, args.out, args.metric)
     except (SweepDefinitionError, ValueError, OSError) as error:
         print(f"sparsyfed: error: {error}", file=sys.stderr)

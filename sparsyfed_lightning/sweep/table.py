@@ -15,13 +15,13 @@ finished, and the row and column keys as columns. The layout is in `results.py`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
 from pathlib import Path
 from typing import Any
 
+from sparsyfed_lightning.sweep.arguments import OneLineParser
 from sparsyfed_lightning.sweep.definition import SweepDefinitionError
 from sparsyfed_lightning.sweep.grid import name_value
 from sparsyfed_lightning.sweep.results import (
@@ -194,7 +194,7 @@ def make_tables(sweep_dir: str | Path, metric: str = "test_accuracy", rows: list
 
 def table_main(argv: list[str]) -> int:
     """`sparsyfed table SWEEP_DIR [--metric KEY] [--rows K ...] [--columns K ...] [--aggregate K ...]`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sparsyfed table",
         description="Print a sweep's paper-style tables (Markdown; also SWEEP_DIR/table.md) and write "
                     "SWEEP_DIR/table.csv. Rows: method x heterogeneity; columns: sparsity; mean ± std over seeds.")
@@ -205,8 +205,8 @@ def table_main(argv: list[str]) -> int:
                         "(default: the sparsity key)")
     parser.add_argument("--aggregate", nargs="+", metavar="KEY", help="grid keys averaged over "
                         "(default: the seed keys)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         markdown, _ = make_tables(args.sweep_dir, args.metric, args.rows, args.columns, args.aggregate)
     except (SweepDefinitionError, ValueError) as error:
         print(f"sparsyfed: error: {error}", file=sys.stderr)
