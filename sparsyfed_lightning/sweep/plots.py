@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def plot_accuracy_vs_sparsity(figures: _Figures, out: Path) -> Path | None:
                title=figures.group_title(group) or None)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize="small")
-    fig.suptitle(f"Final {figures.metric} against {', '.join(figures.layout.columns)} (mean ± std over seeds)")
+    _suptitle(fig, f"Final {figures.metric} against {', '.join(figures.layout.columns)} (mean ± std over seeds)")
     return _save(fig, out / "accuracy_vs_sparsity.png")
 
 
@@ -161,7 +162,7 @@ def plot_accuracy_vs_communication(figures: _Figures, out: Path) -> Path | None:
         plt.close(fig)
         return None
     axes[-1].legend(fontsize="small")
-    fig.suptitle("Accuracy against communication (points: sparsity levels; mean ± std over seeds)")
+    _suptitle(fig, "Accuracy against communication (points: sparsity levels; mean ± std over seeds)")
     return _save(fig, out / "accuracy_vs_communication.png")
 
 
@@ -197,7 +198,7 @@ def plot_per_round(figures: _Figures, key: str, out: Path) -> Path | None:
         plt.close(fig)
         return None
     grid[0][-1].legend(fontsize="small")
-    fig.suptitle(f"{title} (mean over seeds)")
+    _suptitle(fig, f"{title} (mean over seeds)")
     return _save(fig, out / _FILE_NAMES.get(key, f"{key}_per_round.png"))
 
 
@@ -219,6 +220,11 @@ def _per_round_mean(cell: Cell, key: str, first_round: int) -> tuple[list[int], 
                 if key in line and line.get("round", -1) >= first_round} for run in cell.finished]
     common = sorted(set.intersection(*(set(values) for values in per_run))) if per_run else []
     return common, [statistics.fmean(values[r] for values in per_run) for r in common]
+
+
+def _suptitle(fig: plt.Figure, text: str) -> None:
+    """A figure title wrapped to the figure's width (about 11 characters per inch)."""
+    fig.suptitle(textwrap.fill(text, width=max(30, int(11 * fig.get_figwidth()))))
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
