@@ -303,8 +303,9 @@ class _FitArgumentChecker(SparsyFedCLI):
     Building the parser is most of the cost of a `--print_config`, so one parser serves every list.
     The objects are built under `torch.device("meta")`: the options are checked by the same
     constructors as a real run, but no weights are allocated or initialised (a ResNet-18 takes
-    seconds to initialise on a CPU). What needs the data (the model against the data) is checked
-    when the run starts.
+    seconds to initialise on a CPU). A list that fails there is built again for real, and only that
+    error counts, so that nothing meta tensors cannot do is taken for a configuration error. What
+    needs the data (the model against the data) is checked when the run starts.
     """
 
     def __init__(self, arg_lists: list[list[str]], checks: list[FitCheck]) -> None:
@@ -320,25 +321,35 @@ class _FitArgumentChecker(SparsyFedCLI):
     def _check(self, parser: LightningArgumentParser, arguments: list[str]) -> FitCheck:
         import torch
 
-        for device in ("meta", None):  # a constructor that cannot run on meta tensors is retried for real
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # what --print_config would print
+                self.config = parser.parse_args(["fit", *arguments])
+        except SystemExit:  # --help or --print_config among the arguments
+            return FitCheck("--help and --print_config cannot be given to the runs of a sweep")
+        except Exception as error:  # noqa: BLE001 - sorted by _failed
+            return _failed(error, arguments)
+        self.subcommand = "fit"
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                self.instantiate_classes()
+        except Exception:  # noqa: BLE001 - only an error that also happens for real is the configuration's
             try:
-                with contextlib.redirect_stdout(io.StringIO()):  # what --print_config would print
-                    self.config = parser.parse_args(["fit", *arguments])
-                self.subcommand = "fit"
-                with warnings.catch_warnings(), torch.device(device) if device else contextlib.nullcontext():
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self.instantiate_classes()
-                trainer: FederatedTrainer = self.trainer  # type: ignore[assignment]
-                return FitCheck(None, trainer.rounds, type(trainer.accelerator).__name__ == "CUDAAccelerator")
-            except SystemExit:  # --help or --print_config among the arguments
-                return FitCheck("--help and --print_config cannot be given to the runs of a sweep")
-            except Exception as error:  # noqa: BLE001 - sorted by _error_line below
-                known = _error_line(error, arguments)
-                if known is not None:
-                    return FitCheck(known[0])
-                if device is None:
-                    raise
-        raise AssertionError("unreachable")
+            except Exception as error:  # noqa: BLE001 - sorted by _failed
+                return _failed(error, arguments)
+        trainer: FederatedTrainer = self.trainer  # type: ignore[assignment]
+        return FitCheck(None, trainer.rounds, type(trainer.accelerator).__name__ == "CUDAAccelerator")
+
+
+def _failed(error: Exception, arguments: list[str]) -> FitCheck:
+    """The check of a configuration error; anything else is a bug and raised again."""
+    known = _error_line(error, arguments)
+    if known is None:
+        raise error
+    return FitCheck(known[0])
 
 
 def check_fit_arguments(arg_lists: list[list[str]]) -> list[FitCheck]:
