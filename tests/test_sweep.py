@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sparsyfed_lightning.cli import main
@@ -30,7 +31,7 @@ from sparsyfed_lightning.federated.rundir import lock_holder
 from sparsyfed_lightning.sweep import pool as pool_module
 from sparsyfed_lightning.sweep.definition import SweepDefinition
 from sparsyfed_lightning.sweep.grid import RunPoint, expand_grid, load_grid
-from sparsyfed_lightning.sweep.pool import RunPool, RunTask, Slot
+from sparsyfed_lightning.sweep.pool import RunPool, RunTask, Slot, plan_slots, run_state
 from sparsyfed_lightning.sweep.table import make_tables
 
 
@@ -131,6 +132,38 @@ def test_sweep_help_and_table_do_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "False False"
     assert "--runs_per_device" in out.stdout and "| alpha | method | 90% | 99% |" in out.stdout
+
+
+# -- slots and run states -------------------------------------------------------------------------------
+def test_slots_share_out_cpu_cores_or_gpus():
+    cpu = plan_slots([], workers=None, threads=None, runs_per_device=3, cores=16)
+    assert len(cpu) == 16 and {s.threads for s in cpu} == {1} and {s.gpu for s in cpu} == {None}
+    assert len(plan_slots([], workers=None, threads=4, runs_per_device=1, cores=16)) == 4
+    assert len(plan_slots([], workers=3, threads=2, runs_per_device=1, cores=16)) == 3
+    gpus = plan_slots(["2", "5"], workers=None, threads=None, runs_per_device=3, cores=16)
+    assert [s.gpu for s in gpus] == ["2", "5", "2", "5", "2", "5"] and {s.threads for s in gpus} == {2}
+    assert gpus[1].environment() == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+                                     "CUDA_VISIBLE_DEVICES": "5"}
+    assert "CUDA_VISIBLE_DEVICES" not in cpu[0].environment()
+
+
+def test_a_run_starts_new_resumed_replaced_or_not_at_all(tmp_path):
+    from sparsyfed_lightning.federated.checkpoint import save_verified
+
+    run_dir = tmp_path / "run"
+    assert run_state(run_dir) == "new"
+    run_dir.mkdir()
+    (run_dir / ".sparsyfed-run").write_text("{}")
+    assert run_state(run_dir) == "restart"  # killed before its config.yaml: --overwrite
+    (run_dir / "config.yaml").write_text("trainer: {}\n")
+    assert run_state(run_dir) == "resume"
+    (run_dir / "global_model.pt").write_bytes(b"truncated")
+    assert run_state(run_dir) == "resume"  # a damaged model is rewritten from the last checkpoint
+    save_verified({"w": torch.ones(2)}, run_dir / "global_model.pt", "global_model")
+    assert run_state(run_dir) == "finished"
+    task = RunTask(RunPoint("run", {}), run_dir, tmp_path / "run.log", ["--config", "c.yaml"], 2)
+    (run_dir / "global_model.pt").unlink()
+    assert task.command()[-4:] == ["--config", "c.yaml", "--resume", str(run_dir)]
 
 
 # -- tables and figures from a sweep directory written by the test --------------------------------------
