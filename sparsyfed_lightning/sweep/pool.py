@@ -25,6 +25,7 @@ when and where a run starts and what its exit status means.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -277,6 +278,7 @@ class _SignalsRecorded:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)  # type: ignore[arg-type]
 
 
+@functools.cache
 def _death_signal_setter() -> Callable[[], None] | None:
     """A `preexec_fn` that makes the child receive SIGTERM when this process dies (Linux; else None)."""
     if not sys.platform.startswith("linux"):
