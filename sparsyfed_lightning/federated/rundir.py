@@ -108,24 +108,54 @@ class RunDirectory:
         self._lock()
 
     def _lock(self) -> None:
-        lock_path = self.path / LOCK_NAME
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = acquire_lock(self.path / LOCK_NAME)
+        except LockHeldError as held:
+            raise RunDirectoryError(
+                f"trainer.run_dir={self.path} is in use by another process (pid {held.holder}); wait for it to end "
+                "or stop it first (one writer per run directory)"
+            ) from None
         except OSError as error:
             reason = error.strerror or error
             raise RunDirectoryError(f"trainer.run_dir={self.path} cannot be locked: {reason}") from error
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirectoryError(
-                f"trainer.run_dir={self.path} is in use by another process (pid {holder}); wait for it to end "
-                "or stop it first (one writer per run directory)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+
+
+class LockHeldError(Exception):
+    """Another process holds a lock file; `holder` is the pid it wrote into it."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"held by pid {holder}")
+        self.holder = holder
+
+
+def acquire_lock(lock_path: Path) -> int:
+    """Lock `lock_path` (created if needed) for this process and write its pid into it; returns the
+    open descriptor (closing it releases the lock). `LockHeldError` when another process holds it."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockHeldError(holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def lock_holder(lock_path: Path) -> str | None:
+    """The pid holding `lock_path`, or None when nobody does (or the file does not exist). Only looks."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # also drops the shared lock taken to look
+    return None
 
 
 def release_all() -> None:
