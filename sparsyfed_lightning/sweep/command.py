@@ -161,7 +161,7 @@ def _sweep(args: argparse.Namespace, fit_args: list[str]) -> int:
         return 0
     with _locked_sweep_dir(sweep_dir):
         if new_sweep:
-            from sparsyfed_lightning.federated.checkpoint import write_text_atomic
+            from sparsyfed_lightning.federated.atomic_files import write_text_atomic
 
             write_text_atomic(definition.to_yaml(), sweep_dir / DEFINITION_NAME)
         to_run = [task for task in tasks if states[task.point.name] != "finished"]
