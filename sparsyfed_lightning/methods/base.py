@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from sparsyfed_lightning.client.callbacks import EndOfFitPruning
+from sparsyfed_lightning.client.callbacks import ActivationPruningCallback, EndOfFitPruning
 from sparsyfed_lightning.sparse import check_sparsity
 
 
@@ -66,11 +66,16 @@ class Method:
         return self._callbacks
 
     def client_stats(self, index: int = 0) -> dict[str, float]:
-        """Per-client numbers of the last fit (weight regrowth counts, SPEC 9.2) of stacked client `index`."""
+        """Per-client numbers of the last fit of stacked client `index`.
+
+        Weight regrowth counts (SPEC 9.2) and, with activation pruning, `activation_overflows`.
+        """
         stats: dict[str, float] = {}
         for callback in self.client_callbacks():
             if isinstance(callback, EndOfFitPruning):
                 stats.update(callback.regrowth.stats[index])
+            elif isinstance(callback, ActivationPruningCallback):
+                stats["activation_overflows"] = callback.overflows[index]
         return stats
 
     def on_round_start(self, round_index: int) -> None:
