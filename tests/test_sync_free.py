@@ -1,9 +1,10 @@
 """After a fit's first batch, no training step of any method makes the host wait for the device.
 
 Every method trains two rounds through the real `FederatedTrainer` (three clients: two stacked, one
-alone) on a model whose inputs are large enough for the compact activation storage. A callback
-switches a `HostSyncRecorder` on for every batch but the first of each fit; nothing may be recorded.
-The CUDA variant runs the same fits under `torch.cuda.set_sync_debug_mode("error")`.
+alone) on a model whose inputs are large enough for the compact activation storage. A `SyncWatch`
+callback switches a `HostSyncRecorder` on for every batch but the first of each fit; nothing may be
+recorded.
+The CUDA variant runs the same fits under `torch.cuda.set_sync_debug_mode("error")` (`SyncWatch`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from sparsyfed_lightning.client.sync_watch import SyncWatch
 from sparsyfed_lightning.data.loaders import TensorBatchLoader
 from sparsyfed_lightning.sparse import activations
 from sparsyfed_lightning.sparse.host_sync import HostSyncRecorder
@@ -60,26 +62,6 @@ class ThreeClients:
         return TensorBatchLoader(self.inputs[0], self.labels[0], 64)
 
 
-class WatchStepsAfterTheFirst(L.Callback):
-    """Enters `make_context()` around every training batch of a fit except its first."""
-
-    def __init__(self, make_context) -> None:  # noqa: ANN001
-        self.make_context = make_context
-        self.watched = 0
-        self._context = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx >= 1:
-            self._context = self.make_context()
-            self._context.__enter__()
-            self.watched += 1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if self._context is not None:
-            context, self._context = self._context, None
-            context.__exit__(None, None, None)
-
-
 def _fit(method, device: str = "cpu", stack_clients: int = 2):  # noqa: ANN202
     from sparsyfed_lightning.client.module import ClientModule
     from sparsyfed_lightning.federated.trainer import FederatedTrainer
@@ -91,7 +73,7 @@ def _fit(method, device: str = "cpu", stack_clients: int = 2):  # noqa: ANN202
     return trainer
 
 
-def _fit_watched(method, watcher: L.Callback, device: str) -> list[int]:
+def _fit_watched(method, watcher: SyncWatch, device: str) -> list[int]:
     """Two rounds of `method` with `watcher` among the client callbacks; returns the stacked fit sizes."""
     method._callbacks = [*method.build_callbacks(), watcher]  # what client_callbacks() hands every fit
     return [m["stacked_clients"] for m in _fit(method, device).history[1:]]
@@ -107,12 +89,11 @@ def test_training_steps_after_the_first_never_wait_for_the_device(name, monkeypa
         compact_copies.append("indices" if self.indices is not None else "bitmap")
 
     monkeypatch.setattr(activations.CompactTensor, "__init__", spy)
-    recorder = HostSyncRecorder()
-    watcher = WatchStepsAfterTheFirst(lambda: recorder)
+    watcher = SyncWatch()
     stacked = _fit_watched(_methods()[name](), watcher, "cpu")
     assert stacked == [2, 2]  # each round had a stacked fit (and the third client alone)
-    assert watcher.watched == 2 * 2 * 2  # 2 rounds x 2 fits x 2 batches after the first
-    assert recorder.events == []
+    assert watcher.steps == 2 * 2 * 2  # 2 rounds x 2 fits x 2 batches after the first
+    assert watcher.events == []
     if name in PRUNES_ACTIVATIONS:  # the compact storage was really exercised
         assert compact_copies and set(compact_copies) == {"indices" if name == "zerofl" else "bitmap"}
 
@@ -145,17 +126,23 @@ def test_the_recorder_catches_what_synchronises():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", list(_methods()))
 def test_training_steps_after_the_first_never_synchronise_on_cuda(name):
-    class SyncDebugError:
-        def __enter__(self) -> None:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-
-        def __exit__(self, *exc: object) -> None:
-            torch.cuda.set_sync_debug_mode("default")
-
-    watcher = WatchStepsAfterTheFirst(SyncDebugError)
+    watcher = SyncWatch(record=False, cuda_sync_debug="error")  # raises at the first synchronisation
     assert _fit_watched(_methods()[name](), watcher, "gpu") == [2, 2]
-    assert watcher.watched == 2 * 2 * 2
+    assert watcher.steps == 2 * 2 * 2
+
+
+def test_sync_watch_catches_a_synchronising_step():
+    """The watch itself can fail: a callback that reads the loss in every step is caught."""
+    from sparsyfed_lightning.methods import Dense
+
+    class ReadsTheLoss(L.Callback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:  # noqa: ANN001
+            float(loss.detach())
+
+    method, watcher = Dense(), SyncWatch()
+    method._callbacks = [ReadsTheLoss(), watcher]
+    _fit(method)
+    assert watcher.steps == 8 and watcher.events == ["aten._local_scalar_dense.default"] * 8
 
 
 @pytest.mark.parametrize("stack_clients", [1, 2])
