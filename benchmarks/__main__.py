@@ -21,7 +21,7 @@ from benchmarks._common import pick_device, print_table
 def main(argv: list[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3; the GPU suite: 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="the GPU suite with tiny sizes, on any device")
     parser.add_argument("--out", default=None, help="the GPU suite's JSON (default under benchmarks/out/)")

@@ -164,13 +164,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a check that every section runs")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/out/gpu-<device>-<time>.json)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    repeats = args.repeats or (1 if args.quick else 5)
+    repeats = args.repeats or (1 if args.quick else 3)
     common = ["--device", device.type, "--repeats", str(repeats), "--threads", str(args.threads)]
     started = time.perf_counter()
     result: dict[str, Any] = {

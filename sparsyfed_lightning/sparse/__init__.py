@@ -1,6 +1,7 @@
 """Tensor and module mechanics of sparse training: no Lightning, no federation."""
 
 from sparsyfed_lightning.sparse.activations import ActivationPruning, CompactReLU, pack_bits, unpack_bits
+from sparsyfed_lightning.sparse.host_sync import HostSyncRecorder
 from sparsyfed_lightning.sparse.layers import (
     layer_densities,
     prunable_layers,
@@ -31,6 +32,7 @@ from sparsyfed_lightning.sparse.swat import WeightTopK
 __all__ = [
     "ActivationPruning",
     "CompactReLU",
+    "HostSyncRecorder",
     "Powerprop",
     "SavedTensorMeter",
     "WeightTopK",
