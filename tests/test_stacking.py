@@ -338,6 +338,21 @@ def test_auto_stacks_small_cpu_steps_and_leaves_large_ones_alone():
     assert trainer.history[-1]["stacked_clients"] == 1 and trainer.runner._stacked == {} and len(uplinks) == 4
 
 
+def _backward_matches_alone(singles: list[nn.Module], stacked: nn.Module, inputs: list, labels: list) -> None:
+    """One backward of every client alone and of the stacked network; the gradients agree per client."""
+    copies = len(singles)
+    for net in [*singles, stacked]:
+        net.zero_grad()
+    for net, x, y in zip(singles, inputs, labels, strict=True):
+        nn.functional.cross_entropy(net(x), y).backward()
+    logits = stacked(torch.cat(inputs, dim=1)).view(inputs[0].shape[0], copies, -1)
+    sum(nn.functional.cross_entropy(logits[:, i], labels[i]) for i in range(copies)).backward()
+    for key, param in stacked.named_parameters():
+        for i, single in enumerate(singles):
+            expected = dict(single.named_parameters())[key].grad.reshape(-1)
+            torch.testing.assert_close(param.grad.view(copies, -1)[i], expected, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def _differently_pruned_clients(copies: int) -> tuple[list[nn.Module], nn.Module]:
     """`copies` small CNNs with their own weights and densities, and their stacked network (plain)."""
     singles = [build_model("small_cnn", 5, seed=i, width=32) for i in range(copies)]
@@ -371,14 +386,7 @@ def test_spectral_exponents_and_powerprop_per_stacked_client(frozen_support):
     labels = [torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(9 + i)) for i in range(copies)]
     for net in [*singles, stacked]:
         net.train()
-    for net, x, y in zip(singles, inputs, labels, strict=True):
-        nn.functional.cross_entropy(net(x), y).backward()
-    logits = stacked(torch.cat(inputs, dim=1)).view(4, copies, 5)
-    sum(nn.functional.cross_entropy(logits[:, i], labels[i]) for i in range(copies)).backward()
-    for key, param in stacked.named_parameters():
-        for i, single in enumerate(singles):
-            expected = dict(single.named_parameters())[key].grad.reshape(-1)
-            torch.testing.assert_close(param.grad.view(copies, -1)[i], expected, rtol=1e-4, atol=1e-6, msg=key)
+    _backward_matches_alone(singles, stacked, inputs, labels)
     # Powerprop saves v itself (a parameter) and, on the support path, its derivative there: never w.
     for name, module in prunable_layers(stacked):
         saved = module.weight.grad_fn.saved_tensors
@@ -427,16 +435,7 @@ def test_stacked_clients_overflow_their_compact_copies_as_they_would_alone():
     prunings = [ActivationPruning(net, min_compact_numel=0, headroom=1.0).attach() for net in singles]
     together = ActivationPruning(stacked, min_compact_numel=0, headroom=1.0, clients=copies).attach()
     for inputs in batches:
-        for net in [*singles, stacked]:
-            net.zero_grad()
-        for net, x, y in zip(singles, inputs, labels, strict=True):
-            nn.functional.cross_entropy(net(x), y).backward()
-        logits = stacked(torch.cat(inputs, dim=1)).view(4, copies, 5)
-        sum(nn.functional.cross_entropy(logits[:, i], labels[i]) for i in range(copies)).backward()
-        for key, param in stacked.named_parameters():
-            for i, single in enumerate(singles):
-                expected = dict(single.named_parameters())[key].grad.reshape(-1)
-                torch.testing.assert_close(param.grad.view(copies, -1)[i], expected, rtol=1e-4, atol=1e-6, msg=key)
+        _backward_matches_alone(singles, stacked, inputs, labels)
     alone = [p.take_overflows() for p in prunings]
     assert alone[1] and alone[0] != alone[1]  # overflows happened, and not alike for every client
     names = set().union(*alone)
