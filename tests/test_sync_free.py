@@ -146,9 +146,10 @@ def test_sync_watch_catches_a_synchronising_step():
 
 
 @pytest.mark.parametrize("stack_clients", [1, 2])
-def test_compact_copies_that_overflow_are_counted_and_reported(stack_clients):
+def test_compact_copies_that_overflow_are_counted_and_reported(stack_clients, monkeypatch):
     """With no headroom a frozen threshold soon keeps more than the expected count: the device
     counters, read once per fit, reach the round metrics, and a warning says what it means."""
+    monkeypatch.setattr(activations, "CAPACITY_FLOOR", 0.0)
     from sparsyfed_lightning.client.callbacks import ActivationPruningCallback
     from sparsyfed_lightning.methods import SparsyFed
 

@@ -24,18 +24,22 @@ it queues). So nothing in a step has a shape that depends on the data, and nothi
 value: thresholds are selected with `topk` for a k known on the host, and a compact copy is a
 fixed-size buffer filled by `nonzero_static`. Its capacity is the difficulty: with the frozen
 threshold the number of entries it keeps varies from batch to batch, and no fixed size short of
-the whole tensor bounds it. The capacity is `headroom` (default `HEADROOM` = 1.5) times the larger
-of the expected count (`ceil(keep_fraction * numel)`) and the count kept on the layer's first
-compact batch of the fit (read there, once: ties at the threshold can make it larger). Within
-fits of ResNet-18 at the paper's learning rate, later batches kept at most 1.31x the first batch's
-count. A batch that keeps more stores the first `capacity` kept entries in flat order and drops the
-rest from its weight gradient (an approximation, the only one); `take_overflows()` reads the
-per-layer device counters of such copies once per fit, and the client callback reports them as the
-round metric `activation_overflows` and a warning. With `per_step` thresholds a batch keeps
-exactly the expected count plus ties, so it overflows only through more than 50% extra ties.
-Stacked clients (`models.stacked`) each get their own capacity and overflow count, as alone. A
-zero threshold (a layer keeping more entries than its input has non-zeros) is raised to the
-smallest positive float: zeros are never stored, which changes nothing in the pruned input.
+the whole tensor bounds it. The capacity (`compact_capacity`) is `headroom` (default `HEADROOM`,
+1.2) times the larger of the expected count (`ceil(keep_fraction * numel)`) and the count kept on
+the layer's first compact batch of the fit (read there, once: ties at the threshold can make it
+larger), plus `CAPACITY_FLOOR` (1/64) of the entries. Measured within local fits of ResNet-18
+(rounds 2-6, lr 0.5, docs/PERFORMANCE.md), layers keeping over 6% of their input kept at most
+1.07x that count on later batches, while layers whose weights global pruning had nearly emptied
+(keeping a few dozen entries, far out in the tail) swung up to 10x: the floor, which costs at most
+what a bitmap costs, is for them. A batch that keeps more than the capacity stores the first
+`capacity` kept entries in flat order and drops the rest from its weight gradient (an
+approximation, the only one); `take_overflows()` reads the per-layer device counters of such
+copies once per fit, and the client callback reports them as the round metric
+`activation_overflows` and a warning. With `per_step` thresholds a batch keeps exactly the expected
+count plus ties, so only ties can overflow it. Stacked clients (`models.stacked`) each get their
+own capacity and overflow count, as alone. A zero threshold (a layer keeping more entries than its
+input has non-zeros) is raised to the smallest positive float: zeros are never stored, which
+changes nothing in the pruned input.
 
 With `refresh_every_step` (beta = 1: zeros regrow, densities change every step) the keep
 fractions are recomputed on the device at every step, thresholds are selected by a sort and a
@@ -44,9 +48,10 @@ would follow a density that is back near 1 after a step, so there is nothing to 
 
 What stays dense by construction: BatchNorm inputs (the conv outputs BN needs for its backward) and
 the network input. Costs, on ResNet-18 at batch 32 and 95% layer sparsity: the bytes saved for
-backward drop to 0.60x of the dense step's (bit-packed masks plus 1.5x the kept values); per pruned
-layer and step a comparison, a `nonzero_static` and a gather in the forward, an unpack and a masked
-scatter in the backward (docs/PERFORMANCE.md has the measured times).
+backward drop to 0.598x of the dense step's (bit-packed masks, and buffers for 1.5x the kept
+values: 1.2 x 5% + 1/64); per pruned layer and step a comparison, a `nonzero_static`, a gather and
+a bit-pack in the forward, an unpack and a masked scatter in the backward (docs/PERFORMANCE.md has
+the measured times).
 """
 
 from __future__ import annotations
@@ -71,10 +76,12 @@ MIN_KEEP_FRACTION = 1e-7  # SPEC 4.1: avoids k = 0 when a whole layer has been p
 # encoding cost more time than the kilobytes they save. Every conv input of ResNet-18 at batch 32
 # (the smallest is 32 x 512 x 4 x 4) is at least this large.
 MIN_COMPACT_NUMEL = 1 << 18
-# Capacity of a compact copy, as a multiple of the entries its layer is expected to keep (see the
-# module doc): measured within fits of ResNet-18 at lr 0.5, frozen thresholds kept at most 1.31x the
-# first batch's count; 1.5x is what the 0.6x memory target leaves room for at 95% sparsity.
-HEADROOM = 1.5
+# Capacity of a compact copy (see the module doc): HEADROOM x the entries its layer is expected to
+# keep, plus CAPACITY_FLOOR x its entries. Frozen thresholds high in the tail (layers that keep
+# well under 1%) see the largest relative swings in what they keep; the floor covers them at the
+# cost of a bitmap at most (n/64 slots of 8 bytes = n/8 bytes).
+HEADROOM = 1.2
+CAPACITY_FLOOR = 1 / 64
 ThresholdMode = Literal["first_batch", "per_step"]
 
 
@@ -278,7 +285,8 @@ class ActivationPruning:
         clients: the number of clients `model` stacks (`models.stacked`); each client's part of a
             layer gets its own keep fraction (its weight density) and threshold, exactly as if it
             were trained alone (`min_compact_numel` also counts per client).
-        headroom: capacity of a compact copy as a multiple of the entries expected to be kept.
+        headroom: capacity of a compact copy as a multiple of the entries expected to be kept (plus
+            `CAPACITY_FLOOR` of the entries).
     """
 
     def __init__(
@@ -481,7 +489,8 @@ class ActivationPruning:
                     self._swapped_relus.append((parent, attr, child))
 
     def _capacity(self, keep: torch.Tensor, state: _LayerState) -> _Capacity:
-        """Per client, `headroom` x the larger of the expected and the kept count of this batch.
+        """Per client, `headroom` x the larger of the expected and the kept count of this batch, plus
+        `CAPACITY_FLOOR` x the client's entries.
 
         Read once per fit, on the layer's first compact batch (one host sync): ties at the threshold
         can make that batch keep more than expected, and later batches would keep as many.
@@ -489,7 +498,7 @@ class ActivationPruning:
         per_client = keep.numel() // self.clients
         counts = keep.reshape(keep.shape[0], self.clients, -1).sum(dim=(0, 2)).tolist()
         slots = [
-            math.ceil(self.headroom * max(count, math.ceil(fraction * per_client)))
+            compact_capacity(max(count, math.ceil(fraction * per_client)), per_client, self.headroom)
             for count, fraction in zip(counts, state.client_keep, strict=True)
         ]
         return _Capacity(slots, per_client, keep.device)
@@ -531,6 +540,11 @@ class ActivationPruning:
             return t
 
         return pack
+
+
+def compact_capacity(expected: int, numel: int, headroom: float = HEADROOM) -> int:
+    """Slots of a compact copy of `numel` entries expected to keep `expected` (see `HEADROOM`)."""
+    return min(numel, math.ceil(headroom * expected) + math.ceil(CAPACITY_FLOOR * numel))
 
 
 def _smallest_positive(dtype: torch.dtype) -> float:
