@@ -25,7 +25,7 @@ value: thresholds are selected with `topk` for a k known on the host, and a comp
 fixed-size buffer filled by `nonzero_static`. Its capacity is the difficulty: with the frozen
 threshold the number of entries it keeps varies from batch to batch, and no fixed size short of
 the whole tensor bounds it. The capacity (`compact_capacity`) is `headroom` (default `HEADROOM`,
-1.2) times the larger of the expected count (`ceil(keep_fraction * numel)`) and the count kept on
+1.15) times the larger of the expected count (`ceil(keep_fraction * numel)`) and the count kept on
 the layer's first compact batch of the fit (read there, once: ties at the threshold can make it
 larger), plus `CAPACITY_FLOOR` (1/64) of the entries. Measured within local fits of ResNet-18
 (rounds 2-6, lr 0.5, docs/PERFORMANCE.md), layers keeping over 6% of their input kept at most
@@ -48,8 +48,8 @@ would follow a density that is back near 1 after a step, so there is nothing to 
 
 What stays dense by construction: BatchNorm inputs (the conv outputs BN needs for its backward) and
 the network input. Costs, on ResNet-18 at batch 32 and 95% layer sparsity: the bytes saved for
-backward drop to 0.598x of the dense step's (bit-packed masks, and buffers for 1.5x the kept
-values: 1.2 x 5% + 1/64); per pruned layer and step a comparison, a `nonzero_static`, a gather and
+backward drop to 0.597x of the dense step's (bit-packed masks, and buffers for 1.46x the kept
+values: 1.15 x 5% + 1/64); per pruned layer and step a comparison, a `nonzero_static`, a gather and
 a bit-pack in the forward, an unpack and a masked scatter in the backward (docs/PERFORMANCE.md has
 the measured times).
 """
@@ -80,7 +80,7 @@ MIN_COMPACT_NUMEL = 1 << 18
 # keep, plus CAPACITY_FLOOR x its entries. Frozen thresholds high in the tail (layers that keep
 # well under 1%) see the largest relative swings in what they keep; the floor covers them at the
 # cost of a bitmap at most (n/64 slots of 8 bytes = n/8 bytes).
-HEADROOM = 1.2
+HEADROOM = 1.15
 CAPACITY_FLOOR = 1 / 64
 ThresholdMode = Literal["first_batch", "per_step"]
 
