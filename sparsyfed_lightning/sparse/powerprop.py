@@ -169,17 +169,21 @@ class Powerprop(nn.Module):
         """
         if self.client_exponents is None:
             return self.exponent
-        clients = len(self.client_exponents)
+        if self._row_exponents is None or self._row_exponents.device != v.device:
+            self._row_exponents = self._per_row(self.client_exponents, v)
+            self._support_exponents = None
         if self._support is None:
-            if self._row_exponents is None or self._row_exponents.device != v.device:
-                per_client = torch.tensor(self.client_exponents, dtype=torch.float64, device=v.device)
-                rows = per_client.repeat_interleave(v.shape[0] // clients)
-                self._row_exponents = rows.view(-1, *[1] * (v.dim() - 1))
             return self._row_exponents
         if self._support_exponents is None:
-            per_client = torch.tensor(self.client_exponents, dtype=torch.float64, device=v.device)
-            self._support_exponents = per_client[torch.div(self._support, v.numel() // clients, rounding_mode="floor")]
+            rows = torch.div(self._support, v.numel() // v.shape[0], rounding_mode="floor")
+            self._support_exponents = self._row_exponents.reshape(-1)[rows]
         return self._support_exponents
+
+    @staticmethod
+    def _per_row(per_client: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+        """One value per client repeated over the client's rows of `like`, broadcastable to it (float64)."""
+        values = torch.tensor(per_client, dtype=torch.float64, device=like.device)
+        return values.repeat_interleave(like.shape[0] // len(per_client)).view(-1, *[1] * (like.dim() - 1))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.is_identity:
@@ -192,9 +196,7 @@ class Powerprop(nn.Module):
             return w
         if self.client_exponents is None:
             return torch.sign(w) * w.abs().pow(1.0 / self.exponent)
-        per_client = torch.tensor(self.client_exponents, dtype=torch.float64, device=w.device)
-        inverse = (1.0 / per_client).repeat_interleave(w.shape[0] // len(self.client_exponents))
-        return torch.sign(w) * w.abs().pow(inverse.view(-1, *[1] * (w.dim() - 1)).to(w.dtype))
+        return torch.sign(w) * w.abs().pow(1.0 / self._per_row(self.client_exponents, w)).to(w.dtype)
 
 
 def powerpropify(model: nn.Module, beta: float, *, keep_effective_weights: bool = True) -> nn.Module:
