@@ -30,9 +30,10 @@ from sparsyfed_lightning.sparse.activations import HEADROOM
 from sparsyfed_lightning.sparse.masks import nonzero_masks, regrowth_counts
 
 OVERFLOW_WARNING = (
-    "activation pruning: a batch kept more activations above its frozen threshold than the compact "
-    "copy holds (headroom x the expected count); the weight gradient of that step used the first "
-    "ones only. The round metric activation_overflows counts these copies; see docs/PERFORMANCE.md."
+    "activation pruning: a batch kept more activations above its threshold than its compact copy "
+    "holds (a capacity of headroom x the expected count); the weight gradient of that step used the "
+    "first ones only. The round metric activation_overflows counts these copies; see "
+    "docs/PERFORMANCE.md."
 )
 
 
