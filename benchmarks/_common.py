@@ -8,6 +8,12 @@ from collections.abc import Callable
 
 import torch
 
+# Backbones the benchmarks can run: (constructor keyword arguments, input shape of one sample).
+BACKBONES: dict[str, tuple[dict, tuple[int, ...]]] = {
+    "resnet18_cifar": ({}, (3, 32, 32)),
+    "small_cnn": ({"width": 32}, (1, 8, 8)),
+}
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
     """The options every benchmark takes: --device, --repeats, --threads."""

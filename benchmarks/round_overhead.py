@@ -10,6 +10,9 @@ alone (the default), and all clients fitted as one stacked network (`trainer.sta
 
     python -m benchmarks.round_overhead                  # small CNN, 10 clients x 100 steps x batch 16, CPU
     python -m benchmarks.round_overhead --device cuda    # resnet18_cifar, 10 clients x 500 samples x batch 32
+
+`--backbone`, `--clients`, `--samples` and `--batch-size` override those sizes. Returns the plain
+round's seconds and each variant's ratio to it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks._common import add_common_arguments, apply_common_arguments, print_table, synchronize
+from benchmarks._common import BACKBONES, add_common_arguments, apply_common_arguments, print_table, synchronize
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import TensorBatchLoader
 from sparsyfed_lightning.federated.trainer import FederatedTrainer
@@ -77,21 +80,26 @@ def product_round_times(method, data, backbone: str, kwargs: dict, device: torch
     return [m["time_train_s"] + m["time_aggregate_s"] for m in trainer.history[1:]]
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, float | dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, repeats=3)
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default=None)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=None, help="per client")
+    parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args(argv)
     device = apply_common_arguments(args)
-    if device.type == "cuda":
-        backbone, kwargs, shape, samples, batch = "resnet18_cifar", {}, (3, 32, 32), 500, 32
-    else:
-        backbone, kwargs, shape, samples, batch = "small_cnn", {"width": 32}, (1, 8, 8), 1600, 16
-    data = SyntheticFederatedData(10, samples, shape, batch, device)
+    gpu = device.type == "cuda"
+    backbone = args.backbone or ("resnet18_cifar" if gpu else "small_cnn")
+    samples = args.samples or (500 if gpu else 1600)
+    batch = args.batch_size or (32 if gpu else 16)
+    kwargs, shape = BACKBONES[backbone]
+    data = SyntheticFederatedData(args.clients, samples, shape, batch, device)
     plain_net = ClientModule(backbone, 10, backbone_kwargs=kwargs).net.to(device)
 
     # (method, trainer.stack_clients): all 10 clients as one stacked network (the default), and
     # each client alone (unequal partitions, ZeroFL, the spectral variant, Flower ClientApps).
-    variants = {"dense (stacked)": (Dense, 10), "sparsyfed (stacked)": (SparsyFed, 10),
+    variants = {"dense (stacked)": (Dense, args.clients), "sparsyfed (stacked)": (SparsyFed, args.clients),
                 "dense (alone)": (Dense, 1), "sparsyfed (alone)": (SparsyFed, 1)}
     plain: list[float] = []
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -111,9 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results = {name: min(values) / base for name, values in times.items()}
     rows = [["plain PyTorch", f"{base:.3f}", "1.00x"]]
     rows += [[name, f"{ratio * base:.3f}", f"{ratio:.2f}x"] for name, ratio in results.items()]
-    print_table(f"round_overhead: {backbone}, 10 clients x {samples} samples x batch {batch}, {device} "
+    print_table(f"round_overhead: {backbone}, {args.clients} clients x {samples} samples x batch {batch}, {device} "
                 "(target <= 1.15x)", ["round", "seconds", "ratio"], rows)
-    return results
+    return {"plain_s": base, "ratios": results}
 
 
 if __name__ == "__main__":

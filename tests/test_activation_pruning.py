@@ -1,5 +1,6 @@
 """Activation pruning is exact where it must be and prunes exactly what it should."""
 
+import copy
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from sparsyfed_lightning.sparse import (
     prunable_weights,
     unpack_bits,
 )
+from sparsyfed_lightning.sparse.activations import compact_capacity
 
 
 def _sparsify_(weight: torch.Tensor, density: float, seed: int) -> None:
@@ -199,3 +201,83 @@ def test_bit_packing_round_trips_every_byte_pattern():
     packed = pack_bits(patterns)
     assert packed.numel() == 256 and len(set(packed.tolist())) == 256
     assert torch.equal(unpack_bits(packed, patterns.numel()), patterns.reshape(-1))
+
+
+def _weight_grad(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    layer.zero_grad()
+    layer(x).backward(upstream)
+    return next(iter(prunable_weights(layer).values())).grad.clone()
+
+
+@pytest.mark.parametrize("density", [0.3, 0.02])  # bitmap and index layouts
+def test_a_compact_copy_that_overflows_keeps_its_first_entries_and_is_counted(density):
+    """The frozen threshold lets a later batch keep more than the capacity: what is stored is the
+    first `capacity` kept entries in flat order, and the overflow is counted on the device."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    _sparsify_(conv.weight, density, seed=0)
+    plain = copy.deepcopy(conv)  # the references: the same layer, no activation pruning
+    first, upstream = torch.randn(8, 4, 10, 10), torch.randn(8, 6, 10, 10)
+    with ActivationPruning(conv, min_compact_numel=0, headroom=1.0) as ap:
+        _weight_grad(conv, first, upstream)
+        threshold = ap._states[""].threshold
+        capacity = compact_capacity(math.ceil(ap.keep_fractions()[""] * first.numel()), first.numel(), 1.0)
+        assert ap.take_overflows() == {}
+        for scale, overflows in ((3.0, 1), (0.5, 0)):
+            x = scale * torch.randn(8, 4, 10, 10)
+            got = _weight_grad(conv, x, upstream)
+            assert ap.take_overflows() == ({"": [1]} if overflows else {})
+            kept = (x.abs() >= threshold).reshape(-1)
+            assert (int(kept.sum()) > capacity) == bool(overflows)
+            stored = kept & (torch.cumsum(kept, 0) <= capacity)
+            pruned = torch.where(stored, x.reshape(-1), 0).reshape(x.shape)
+            torch.testing.assert_close(got, _weight_grad(plain, pruned, upstream), rtol=1e-5, atol=1e-6)
+
+
+def test_ties_on_the_first_batch_raise_the_capacity():
+    """Discrete inputs tie at the threshold: the first batch keeps more than expected, and the
+    capacity follows the count it read, so that batch and the next ones stay exact."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    _sparsify_(conv.weight, 0.1, seed=0)
+    upstream = torch.randn(6, 4, 8, 8)
+    with ActivationPruning(conv, min_compact_numel=0) as ap:
+        for step in range(3):
+            x = torch.randint(-4, 5, (6, 3, 10, 10), generator=torch.Generator().manual_seed(step)).float()
+            got = _weight_grad(conv, x, upstream)
+            state = ap._states[""]
+            expected_count = math.ceil(ap.keep_fractions()[""] * x.numel())
+            kept = int((x.abs() >= state.threshold).sum())
+            assert kept > compact_capacity(expected_count, x.numel())  # ties, well beyond the headroom
+            reference = _weight_grad(conv, x * (x.abs() >= state.threshold), upstream)
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+        assert ap.take_overflows() == {}
+
+
+@pytest.mark.parametrize("threshold", ["per_step", "first_batch"])
+def test_densities_refreshed_on_the_device_every_step(threshold):
+    """refresh_every_step (beta = 1): each step prunes to the density the weights have at that step,
+    read on the device; a conv whose weights became dense keeps its whole input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3)
+    _sparsify_(conv.weight, 0.2, seed=0)
+    upstream = torch.randn(4, 5, 6, 6)
+    thresholds = []
+    with ActivationPruning(conv, threshold=threshold, refresh_every_step=True) as ap:
+        for step, density in enumerate((0.2, 0.5, 1.0)):
+            with torch.no_grad():  # what regrowth does between steps
+                conv.weight.copy_(torch.where(conv.weight == 0, torch.randn_like(conv.weight), conv.weight))
+                _sparsify_(conv.weight, density, seed=step) if density < 1 else None
+            x = torch.randn(4, 3, 8, 8)
+            got = _weight_grad(conv, x, upstream)
+            keep = float((conv.weight != 0).float().mean())
+            frozen = ap._states[""].threshold
+            if threshold == "per_step":
+                expected = _reference_pruned(x, keep)
+            elif keep == 1.0:
+                expected = x
+            else:
+                expected = x * (x.abs() >= frozen)
+            torch.testing.assert_close(got, _weight_grad(conv, expected, upstream), rtol=1e-5, atol=1e-6)
+            thresholds.append(float(frozen))
+    assert (len(set(thresholds)) == 1) == (threshold == "first_batch")

@@ -153,3 +153,31 @@ def test_support_path_is_bit_identical_to_dense_path(exponent):
     assert all(powerprop_of(m).support is not None for m in big)
     release_support(model)
     assert all(powerprop_of(m).support is None for _, m in prunable_layers(model))
+
+
+@pytest.mark.parametrize("frozen_support", [False, True])
+def test_per_client_exponents_match_each_client_alone(frozen_support):
+    """A stacked layer with one exponent per client (chunks of rows) computes each chunk as a layer
+    with that exponent alone, forward and backward; `right_inverse` inverts it."""
+    torch.manual_seed(0)
+    exponents = (1.25, 2.0, 1.7)
+    v = torch.randn(3 * 4, 5, 3, 3)
+    v[torch.rand_like(v) < 0.8] = 0.0
+    upstream = torch.randn_like(v)
+    stacked = Powerprop(2.0)
+    stacked.set_client_exponents(exponents)
+    assert stacked.client_exponents == exponents and not stacked.is_identity
+    if frozen_support:
+        stacked.support = torch.nonzero(v.reshape(-1)).reshape(-1)
+    leaf = v.clone().requires_grad_(True)
+    w = stacked(leaf)
+    w.backward(upstream)
+    for i, exponent in enumerate(exponents):
+        part = v[4 * i : 4 * (i + 1)].clone().requires_grad_(True)
+        alone = signed_power(part, exponent)
+        alone.backward(upstream[4 * i : 4 * (i + 1)])
+        torch.testing.assert_close(w[4 * i : 4 * (i + 1)], alone, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(leaf.grad[4 * i : 4 * (i + 1)], part.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stacked(stacked.right_inverse(w.detach())), w.detach(), rtol=1e-5, atol=1e-6)
+    stacked.set_client_exponents([1.5] * 3)  # equal exponents collapse to the plain float
+    assert stacked.client_exponents is None and stacked.exponent == 1.5

@@ -110,3 +110,15 @@ def test_min_layer_density_guards_every_layer_and_keeps_the_exact_count():
 def test_min_layer_density_must_leave_room_for_the_target(bad):
     with pytest.raises(ValueError, match="min_layer_density"):
         global_magnitude_prune([torch.randn(100)], 0.99, min_layer_density=bad)
+
+
+@pytest.mark.parametrize("keep", [1e-7, 0.05, 0.3, 1.0])
+def test_threshold_per_group_and_at_a_device_keep_fraction_match_the_host_path(keep):
+    """Chunks (stacked clients) get their own thresholds; a tensor keep fraction (sort + gather, no
+    host read) selects exactly what the float one (topk) selects."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 6, 6)  # three chunks
+    expected = torch.stack([magnitude_threshold(chunk, keep) for chunk in x])
+    assert torch.equal(magnitude_threshold(x, keep, groups=3), expected)
+    assert torch.equal(magnitude_threshold(x, torch.full((3,), keep, dtype=torch.float64), groups=3), expected)
+    assert torch.equal(magnitude_threshold(x[0], torch.tensor([keep])), expected[0])

@@ -12,7 +12,12 @@ from sparsyfed_lightning.data.loaders import StackedBatchLoader, TensorBatchLoad
 from sparsyfed_lightning.federated.errors import RunFailedError
 from sparsyfed_lightning.models import build_model
 from sparsyfed_lightning.models.stacked import StackedLinear, stack_network, stack_states, unstack_state
-from sparsyfed_lightning.sparse import ActivationPruning, global_magnitude_prune, powerpropify, prunable_weights
+from sparsyfed_lightning.sparse import (
+    ActivationPruning,
+    global_magnitude_prune,
+    powerpropify,
+    prunable_weights,
+)
 
 SHAPES = {
     "small_cnn": ((1, 8, 8), {"width": 8}),
@@ -194,7 +199,7 @@ def _run(method, data, stack_clients, rounds=3, **kwargs):
 
 
 def _methods():
-    from sparsyfed_lightning.methods import FLASH, Dense, SparsyFed, TopK
+    from sparsyfed_lightning.methods import FLASH, Dense, SparsyFed, SparsyFedSpectral, TopK, ZeroFL
 
     return {
         "dense": lambda: Dense(),
@@ -203,6 +208,8 @@ def _methods():
         "sparsyfed": lambda: SparsyFed(0.9),
         "sparsyfed_per_step": lambda: SparsyFed(0.9, threshold="per_step"),
         "sparsyfed_beta_one": lambda: SparsyFed(0.9, beta=1.0),
+        "zerofl": lambda: ZeroFL(0.9),
+        "sparsyfed_spectral": lambda: SparsyFedSpectral(0.9),
     }
 
 
@@ -259,9 +266,12 @@ def test_clients_of_different_sizes_train_alone_bit_identically():
 
 
 def test_methods_and_models_that_cannot_stack_train_clients_alone():
-    from sparsyfed_lightning.methods import Dense, ZeroFL
+    from sparsyfed_lightning.methods import Dense
 
-    trainer, _ = _run(ZeroFL(0.9), EqualSizeData(), 4, rounds=1)
+    class Unstackable(Dense):
+        supports_stacking = False
+
+    trainer, _ = _run(Unstackable(), EqualSizeData(), 4, rounds=1)
     assert trainer.runner._stacked == {} and not trainer.runner.can_stack()
     trainer, _ = _run(Dense(), EqualSizeData(), 4, rounds=1, gradient_clip_val=1.0)  # a norm over all clients
     assert trainer.runner._stacked == {} and not trainer.runner.can_stack()
@@ -336,3 +346,107 @@ def test_auto_stacks_small_cpu_steps_and_leaves_large_ones_alone():
     trainer, uplinks = _run(Dense(), large, "auto", rounds=1)
     assert trainer.runner.forward_flops(large.client_train_dataloader(0)) > STACK_ON_CPU_BELOW_FLOPS
     assert trainer.history[-1]["stacked_clients"] == 1 and trainer.runner._stacked == {} and len(uplinks) == 4
+
+
+def _backward_matches_alone(singles: list[nn.Module], stacked: nn.Module, inputs: list, labels: list) -> None:
+    """One backward of every client alone and of the stacked network; the gradients agree per client."""
+    copies = len(singles)
+    for net in [*singles, stacked]:
+        net.zero_grad()
+    for net, x, y in zip(singles, inputs, labels, strict=True):
+        nn.functional.cross_entropy(net(x), y).backward()
+    logits = stacked(torch.cat(inputs, dim=1)).view(inputs[0].shape[0], copies, -1)
+    sum(nn.functional.cross_entropy(logits[:, i], labels[i]) for i in range(copies)).backward()
+    for key, param in stacked.named_parameters():
+        for i, single in enumerate(singles):
+            expected = dict(single.named_parameters())[key].grad.reshape(-1)
+            torch.testing.assert_close(param.grad.view(copies, -1)[i], expected, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _differently_pruned_clients(copies: int) -> tuple[list[nn.Module], nn.Module]:
+    """`copies` small CNNs with their own weights and densities, and their stacked network (plain)."""
+    singles = [build_model("small_cnn", 5, seed=i, width=32) for i in range(copies)]
+    stacked = stack_network(singles[0], copies)
+    for i, net in enumerate(singles):
+        global_magnitude_prune(prunable_weights(net).values(), [0.5, 0.8, 0.95][i])
+    stacked.load_state_dict(stack_states([s.state_dict() for s in singles], stacked.state_dict()))
+    return singles, stacked
+
+
+@pytest.mark.parametrize("frozen_support", [False, True])
+def test_spectral_exponents_and_powerprop_per_stacked_client(frozen_support):
+    """Each stacked client gets the exponents it computes alone, and trains with them."""
+    from sparsyfed_lightning.sparse import freeze_support, powerprop_of, update_spectral_exponents
+    from sparsyfed_lightning.sparse.layers import prunable_layers
+
+    copies = 3
+    singles, stacked = _differently_pruned_clients(copies)
+    alone = []
+    for net in [*singles, stacked]:
+        powerpropify(net, 2.0, keep_effective_weights=False)  # as the spectral variant wraps
+    for net in singles:
+        alone.append(update_spectral_exponents(net, seed=7))
+    together = update_spectral_exponents(stacked, seed=7, clients=copies)
+    for name, exponents in together.items():
+        assert list(exponents) == [a[name] for a in alone], name  # bit-identical: same draws, same chunk
+    assert all(powerprop_of(m).client_exponents is not None for _, m in prunable_layers(stacked))
+    if frozen_support:
+        assert freeze_support(stacked) > 0 and sum(freeze_support(s) for s in singles) > 0
+    inputs = [torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(copies)]
+    labels = [torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(9 + i)) for i in range(copies)]
+    for net in [*singles, stacked]:
+        net.train()
+    _backward_matches_alone(singles, stacked, inputs, labels)
+    # Powerprop saves v itself (a parameter) and, on the support path, its derivative there: never w.
+    for name, module in prunable_layers(stacked):
+        saved = module.weight.grad_fn.saved_tensors
+        support = powerprop_of(module).support
+        assert saved[0].data_ptr() == module.parametrizations.weight.original.data_ptr(), name
+        assert len(saved) == 1 if support is None else saved[1].numel() == support.numel(), name
+
+
+def test_weight_topk_gives_each_stacked_client_its_own_threshold():
+    from sparsyfed_lightning.sparse import WeightTopK
+
+    copies = 3
+    singles, stacked = _differently_pruned_clients(copies)
+    inputs = [torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(copies)]
+    hooks = [WeightTopK(net, 0.9).attach() for net in singles]
+    hooks.append(WeightTopK(stacked, 0.9, clients=copies).attach())
+    for step in range(2):  # the conv thresholds are frozen after the first forward, linear ones are not
+        for net, x in zip(singles, inputs, strict=True):
+            net(x * (step + 1)).sum().backward()
+        stacked(torch.cat(inputs, dim=1) * (step + 1)).sum().backward()
+        for key, weight in prunable_weights(stacked).items():
+            for i, single in enumerate(singles):
+                alone = prunable_weights(single)[key].detach().reshape(-1)
+                assert torch.equal(weight.detach().view(copies, -1)[i] != 0, alone != 0), key
+        with torch.no_grad():  # a step that lets pruned weights regrow differently per client
+            for net in [*singles, stacked]:
+                for p in net.parameters():
+                    p.sub_(0.1 * p.grad)
+                    p.grad = None
+    thresholds = hooks[-1]._thresholds
+    assert all(t.shape == (copies,) and len(set(t.tolist())) == copies for t in thresholds.values())
+
+
+def test_stacked_clients_overflow_their_compact_copies_as_they_would_alone():
+    """Capacities are per client: a client whose batch overflows stores what it stores alone, and
+    the overflow is counted for that client only."""
+    copies = 3
+    singles, stacked = _differently_pruned_clients(copies)
+    for net in [*singles, stacked]:
+        powerpropify(net, 1.25, keep_effective_weights=False)
+        net.train()
+    batches = [[torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(10 * step + i)) for i in range(copies)]
+               for step in range(2)]
+    batches[1][1] = batches[1][1] * 4  # client 1's second batch overflows its frozen thresholds
+    labels = [torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(9 + i)) for i in range(copies)]
+    prunings = [ActivationPruning(net, min_compact_numel=0, headroom=1.0).attach() for net in singles]
+    together = ActivationPruning(stacked, min_compact_numel=0, headroom=1.0, clients=copies).attach()
+    for inputs in batches:
+        _backward_matches_alone(singles, stacked, inputs, labels)
+    alone = [p.take_overflows() for p in prunings]
+    assert alone[1] and alone[0] != alone[1]  # overflows happened, and not alike for every client
+    names = set().union(*alone)
+    assert together.take_overflows() == {n: [a.get(n, [0])[0] for a in alone] for n in names}

@@ -8,6 +8,7 @@ itself (`network_of`), so they also serve a plain, non-federated Lightning fit (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -26,7 +27,15 @@ from sparsyfed_lightning.sparse import (
     release_support,
     update_spectral_exponents,
 )
+from sparsyfed_lightning.sparse.activations import HEADROOM
 from sparsyfed_lightning.sparse.masks import nonzero_masks, regrowth_counts
+
+OVERFLOW_WARNING = (
+    "activation pruning: a batch kept more activations above its threshold than its compact copy "
+    "holds (a capacity of headroom x the expected count); the weight gradient of that step used the "
+    "first ones only. The round metric activation_overflows counts these copies; see "
+    "docs/PERFORMANCE.md."
+)
 
 
 def network_of(pl_module: L.LightningModule) -> torch.nn.Module:
@@ -45,6 +54,10 @@ class ActivationPruningCallback(L.Callback):
             (ZeroFL).
         refresh_every_step: re-read layer densities at every step (when zeros can regrow, beta = 1).
         skip_layers: layer names left unpruned (ZeroFL's dense stem).
+        headroom: capacity of the compact copies as a multiple of the entries expected to be kept.
+
+    After each fit, `overflows[i]` is the number of compact copies of stacked client `i` (0 when
+    not stacked) that kept fewer entries than the threshold marked (see `ActivationPruning`).
     """
 
     def __init__(
@@ -53,12 +66,15 @@ class ActivationPruningCallback(L.Callback):
         keep_fraction: float | None = None,
         refresh_every_step: bool = False,
         skip_layers: Iterable[str] = (),
+        headroom: float = HEADROOM,
     ) -> None:
         self.threshold = threshold
         self.keep_fraction = keep_fraction
         self.refresh_every_step = refresh_every_step
         self.skip_layers = set(skip_layers)
+        self.headroom = headroom
         self.pruning: ActivationPruning | None = None
+        self.overflows: list[int] = [0]
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -72,12 +88,17 @@ class ActivationPruningCallback(L.Callback):
                 refresh_every_step=self.refresh_every_step,
                 layer_names=names,
                 clients=stacked_clients(pl_module),
+                headroom=self.headroom,
             )
         self.pruning.attach()  # reads this fit's layer densities; thresholds start afresh
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.pruning is not None:
+            per_layer = self.pruning.take_overflows()  # the fit's one read of the device counters
+            self.overflows = [sum(row[i] for row in per_layer.values()) for i in range(self.pruning.clients)]
+            if any(self.overflows):
+                warnings.warn(OVERFLOW_WARNING, stacklevel=2)
             self.pruning.detach()
 
 
@@ -109,7 +130,7 @@ class WeightTopKCallback(L.Callback):
         net = network_of(pl_module)
         if self.topk is None or self.topk.model is not net:
             names = [n for n, _ in prunable_layers(net) if n not in self.skip_layers]
-            self.topk = WeightTopK(net, self.sparsity, layer_names=names)
+            self.topk = WeightTopK(net, self.sparsity, layer_names=names, clients=stacked_clients(pl_module))
         self.topk.attach()
 
     @override
@@ -149,7 +170,7 @@ class SpectralExponentCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        update_spectral_exponents(network_of(pl_module), self.seed)
+        update_spectral_exponents(network_of(pl_module), self.seed, stacked_clients(pl_module))
 
 
 class RegrowthStats:

@@ -90,7 +90,7 @@ class FederatedServer:
         self.method.on_round_start(round_index)
         self._aggregate = WeightedAverage()
         self._round_metrics = {k: 0.0 for k in ("train_loss", *_REGROWTH_KEYS)}
-        self._round_metrics.update(uplink_bytes=0, clients_ok=0)
+        self._round_metrics.update(uplink_bytes=0, clients_ok=0, activation_overflows=0)
         self._downlink = encode_state_with_stats(self.global_state)
         return self._downlink[0]
 
@@ -105,6 +105,7 @@ class FederatedServer:
             metrics[key] += result.num_samples * float(result.metrics.get(key, 0.0))
         metrics["uplink_bytes"] += result.uplink.encoded_bytes
         metrics["clients_ok"] += 1
+        metrics["activation_overflows"] += int(result.metrics.get("activation_overflows", 0))
 
     def end_round(self) -> dict[str, Any]:
         """Aggregate, apply the method rule and the server optimizer; return the round's metrics."""

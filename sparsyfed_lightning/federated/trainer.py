@@ -127,8 +127,8 @@ class FederatedTrainer(L.Trainer):
             where grouped convolutions are less efficient than plain ones (large steps on a CPU).
             "auto" (default): 10 on a GPU, and on a CPU 10 when one client step's forward pass costs
             under `STACK_ON_CPU_BELOW_FLOPS`, else 1 (docs/PERFORMANCE.md). Clients train alone
-            anyway for zerofl and sparsyfed_spectral, for models with layers that cannot be
-            stacked, with gradient clipping, and on the Flower engine.
+            anyway for models with layers that cannot be stacked, with gradient clipping, under
+            DDP, and on the Flower engine.
         flower: options of the Flower engine (client resources, routing, timeouts).
         progress: "auto" (a bar on a terminal, lines otherwise), "rich", "plain" or "none".
         num_threads: torch CPU threads of this process and of each device worker (None: torch's default

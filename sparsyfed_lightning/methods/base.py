@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sparsyfed_lightning.checks import check_number
-from sparsyfed_lightning.client.callbacks import EndOfFitPruning
+from sparsyfed_lightning.client.callbacks import ActivationPruningCallback, EndOfFitPruning
 from sparsyfed_lightning.sparse import check_sparsity, layers_outside_authors_walk
 from sparsyfed_lightning.sparse.layers import check_supported_layers
 
@@ -84,11 +84,16 @@ class Method:
         return self._callbacks
 
     def client_stats(self, index: int = 0) -> dict[str, float]:
-        """Per-client numbers of the last fit (weight regrowth counts, SPEC 9.2) of stacked client `index`."""
+        """Per-client numbers of the last fit of stacked client `index`.
+
+        Weight regrowth counts (SPEC 9.2) and, with activation pruning, `activation_overflows`.
+        """
         stats: dict[str, float] = {}
         for callback in self.client_callbacks():
             if isinstance(callback, EndOfFitPruning):
                 stats.update(callback.regrowth.stats[index])
+            elif isinstance(callback, ActivationPruningCallback):
+                stats["activation_overflows"] = callback.overflows[index]
         return stats
 
     def on_round_start(self, round_index: int) -> None:

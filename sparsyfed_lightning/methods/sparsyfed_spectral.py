@@ -36,8 +36,6 @@ class SparsyFedSpectral(Method):
     """
 
     name = "sparsyfed_spectral"
-    # The exponent is per layer, so stacked clients would share one; they must not.
-    supports_stacking = False
 
     def __init__(
         self,

@@ -36,8 +36,6 @@ class ZeroFL(Method):
     """
 
     name = "zerofl"
-    # SWAT's per-layer weight Top-K is not per stacked client yet.
-    supports_stacking = False
 
     def __init__(
         self,

@@ -1,6 +1,7 @@
 """Tensor and module mechanics of sparse training: no Lightning, no federation."""
 
 from sparsyfed_lightning.sparse.activations import ActivationPruning, CompactReLU, pack_bits, unpack_bits
+from sparsyfed_lightning.sparse.host_sync import HostSyncRecorder
 from sparsyfed_lightning.sparse.layers import (
     AUTHORS_LAYER_WALK,
     layer_densities,
@@ -35,6 +36,7 @@ __all__ = [
     "AUTHORS_LAYER_WALK",
     "ActivationPruning",
     "CompactReLU",
+    "HostSyncRecorder",
     "Powerprop",
     "SavedTensorMeter",
     "WeightTopK",

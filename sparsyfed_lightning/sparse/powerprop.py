@@ -10,12 +10,17 @@ save two or three weight-sized intermediates for backward, while this one saves 
 (the parameter, already alive), so Powerprop adds no saved-tensor memory. Because zeros are frozen
 within a local fit, `freeze_support` lets each layer compute on its non-zeros only during a fit
 (at 95% sparsity, a twentieth of the elementwise work), bit-identically to the dense path.
+
+A client-stacked layer (`models.stacked`: client i owns the i-th consecutive chunk of `v`) can give
+each client its own exponent (`Powerprop.set_client_exponents`, the spectral variant): the exponent
+is then a small device tensor broadcast over the rows of `v` (or over the frozen support), and the
+same single autograd Function still saves only `v`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -24,16 +29,20 @@ from torch.nn.utils import parametrize
 from sparsyfed_lightning.sparse.layers import prunable_layers
 
 
-def abs_pow(v: torch.Tensor, exponent: float) -> torch.Tensor:
+def abs_pow(v: torch.Tensor, exponent: float | torch.Tensor) -> torch.Tensor:
     """`|v| ** exponent`, through square roots and products when `4 * exponent` is a small integer.
+
+    A tensor `exponent` (broadcast against `v`) always takes `pow`.
 
     `pow` with a fractional exponent costs about 3 ns per element on these CPUs against 0.5 ns for
     a square root, and beta = 1.25 (the paper's) needs `|v| ** 0.25` in every forward and backward.
     The results differ from `pow` by at most an ulp or two; forward and backward share this
     function, so the gradient stays the exact derivative of what the forward computed.
     """
-    quarters = exponent * 4
     magnitude = v.abs()
+    if isinstance(exponent, torch.Tensor):
+        return magnitude.pow_(exponent)
+    quarters = exponent * 4
     if quarters != round(quarters) or not 1 <= quarters <= 16:
         return magnitude.pow_(exponent)
     quarters = round(quarters)
@@ -49,6 +58,9 @@ def abs_pow(v: torch.Tensor, exponent: float) -> torch.Tensor:
 class _SignedPower(torch.autograd.Function):
     """`v * |v| ** (exponent - 1)` (= sign(v)|v|^exponent) with a backward that saves only `v`.
 
+    `exponent` is a float or a float64 tensor that broadcasts against `v` (without `support`) or
+    against the support's entries (with it).
+
     With `support` (flat indices of the entries of `v` that may be non-zero) both directions
     compute on those entries only and leave the rest exactly zero, which is what the dense formula
     gives there; the arithmetic on the support is the same elementwise arithmetic, so the results
@@ -56,19 +68,19 @@ class _SignedPower(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, exponent: float, support: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor, exponent: float | torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         ctx.exponent = exponent
         ctx.support = support
         if support is None:
             ctx.save_for_backward(v)
-            return v * abs_pow(v, exponent - 1.0)
+            return v * abs_pow(v, _minus_one(exponent, v.dtype))
         # index_select and scatter_ rather than v[support] / out[support] = ...: the same values,
         # about 4x faster on CPU (advanced indexing takes a slower general path).
         values = v.reshape(-1).index_select(0, support)
-        scale = abs_pow(values, exponent - 1.0)
+        scale = abs_pow(values, _minus_one(exponent, v.dtype))
         # The support is a few percent of the layer: keep exponent * |v|^(exponent - 1) on it for
         # the backward instead of recomputing it (a handful of kernels per layer per step).
-        ctx.save_for_backward(v, scale.mul(exponent))
+        ctx.save_for_backward(v, scale.mul(_as_factor(exponent, v.dtype)))
         out = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
         out.scatter_(0, support, values * scale)
         return out.reshape(v.shape)
@@ -78,15 +90,26 @@ class _SignedPower(torch.autograd.Function):
         exponent, support = ctx.exponent, ctx.support
         if support is None:
             (v,) = ctx.saved_tensors
-            return grad * abs_pow(v, exponent - 1.0).mul_(exponent), None, None
+            return grad * abs_pow(v, _minus_one(exponent, v.dtype)).mul_(_as_factor(exponent, v.dtype)), None, None
         v, derivative = ctx.saved_tensors
         out = torch.zeros(v.numel(), dtype=grad.dtype, device=grad.device)
         out.scatter_(0, support, grad.reshape(-1).index_select(0, support) * derivative)
         return out.reshape(v.shape), None, None
 
 
-def signed_power(v: torch.Tensor, exponent: float, support: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable `sign(v) * |v| ** exponent`; see `_SignedPower` for `support`."""
+def _minus_one(exponent: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    """`exponent - 1`, computed in float64 as the float path computes it, then in `dtype`."""
+    return exponent - 1.0 if isinstance(exponent, float) else (exponent - 1.0).to(dtype)
+
+
+def _as_factor(exponent: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    return exponent if isinstance(exponent, float) else exponent.to(dtype)
+
+
+def signed_power(
+    v: torch.Tensor, exponent: float | torch.Tensor, support: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Differentiable `sign(v) * |v| ** exponent`; see `_SignedPower` for `exponent` and `support`."""
     return _SignedPower.apply(v, exponent, support)
 
 
@@ -94,7 +117,8 @@ class Powerprop(nn.Module):
     """Parametrization `v -> sign(v)|v|^exponent`; `right_inverse` maps an effective weight to `v`.
 
     `exponent` is a plain float attribute (not state): the spectral variant rewrites it once per
-    round, and state dicts stay identical across methods with the same layer wrapping.
+    round, and state dicts stay identical across methods with the same layer wrapping. A stacked
+    layer whose clients differ gets `set_client_exponents`; `exponent` is then NaN.
     """
 
     def __init__(self, exponent: float) -> None:
@@ -102,18 +126,77 @@ class Powerprop(nn.Module):
         if exponent < 1.0:
             raise ValueError(f"Powerprop exponent must be >= 1, got {exponent}")
         self.exponent = float(exponent)
-        self.support: torch.Tensor | None = None  # see `frozen_support`
+        self.client_exponents: tuple[float, ...] | None = None
+        self._support: torch.Tensor | None = None
+        # Device copies of `client_exponents`, per row of v and per support entry (built lazily).
+        self._row_exponents: torch.Tensor | None = None
+        self._support_exponents: torch.Tensor | None = None
+
+    @property
+    def support(self) -> torch.Tensor | None:
+        """Flat indices of the entries of v that may be non-zero (see `freeze_support`), or None."""
+        return self._support
+
+    @support.setter
+    def support(self, support: torch.Tensor | None) -> None:
+        self._support = support
+        self._support_exponents = None
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every exponent is 1 (w = v)."""
+        return self.client_exponents is None and self.exponent == 1.0
+
+    def set_client_exponents(self, exponents: Sequence[float]) -> None:
+        """One exponent per stacked client, client i owning the i-th of `len(exponents)` chunks of v.
+
+        Equal exponents collapse to the plain float `exponent`.
+        """
+        values = tuple(float(e) for e in exponents)
+        if not values or min(values) < 1.0:
+            raise ValueError(f"Powerprop exponents must be >= 1, got {values}")
+        if len(set(values)) == 1:
+            self.exponent, self.client_exponents = values[0], None
+        else:
+            self.exponent, self.client_exponents = math.nan, values
+        self._row_exponents = self._support_exponents = None
+
+    def _exponent_for(self, v: torch.Tensor) -> float | torch.Tensor:
+        """The exponent operand of `signed_power` for v: a float unless the clients differ.
+
+        Then a float64 device tensor, one entry per row of v (or per support entry), built on the
+        first forward after the exponents or the support change.
+        """
+        if self.client_exponents is None:
+            return self.exponent
+        if self._row_exponents is None or self._row_exponents.device != v.device:
+            self._row_exponents = self._per_row(self.client_exponents, v)
+            self._support_exponents = None
+        if self._support is None:
+            return self._row_exponents
+        if self._support_exponents is None:
+            rows = torch.div(self._support, v.numel() // v.shape[0], rounding_mode="floor")
+            self._support_exponents = self._row_exponents.reshape(-1)[rows]
+        return self._support_exponents
+
+    @staticmethod
+    def _per_row(per_client: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+        """One value per client repeated over the client's rows of `like`, broadcastable to it (float64)."""
+        values = torch.tensor(per_client, dtype=torch.float64, device=like.device)
+        return values.repeat_interleave(like.shape[0] // len(per_client)).view(-1, *[1] * (like.dim() - 1))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if self.exponent == 1.0:
+        if self.is_identity:
             return v
-        return signed_power(v, self.exponent, self.support)
+        return signed_power(v, self._exponent_for(v), self._support)
 
     @torch.no_grad()
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        if self.exponent == 1.0:
+        if self.is_identity:
             return w
-        return torch.sign(w) * w.abs().pow(1.0 / self.exponent)
+        if self.client_exponents is None:
+            return torch.sign(w) * w.abs().pow(1.0 / self.exponent)
+        return torch.sign(w) * w.abs().pow(1.0 / self._per_row(self.client_exponents, w)).to(w.dtype)
 
 
 def powerpropify(
@@ -172,7 +255,7 @@ def freeze_support(model: nn.Module) -> int:
     switched = 0
     for _, module in prunable_layers(model):
         parametrization = powerprop_of(module)
-        if parametrization is None or parametrization.exponent == 1.0:
+        if parametrization is None or parametrization.is_identity:
             continue
         stored = module.parametrizations.weight.original  # type: ignore[union-attr]
         support = torch.nonzero(stored.reshape(-1)).reshape(-1)

@@ -27,11 +27,14 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
 
 
 def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a flat tensor, via topk on the smaller side."""
-    n = values.numel()
+    """The k-th smallest entry (1-based) along the last dim, via topk on the smaller side.
+
+    A flat tensor gives a 0-d result, a (rows, n) tensor one entry per row.
+    """
+    n = values.shape[-1]
     if k <= n - k + 1:
-        return torch.topk(values, k, largest=False, sorted=False).values.max()
-    return torch.topk(values, n - k + 1, largest=True, sorted=False).values.min()
+        return torch.topk(values, k, largest=False, sorted=False).values.amax(-1)
+    return torch.topk(values, n - k + 1, largest=True, sorted=False).values.amin(-1)
 
 
 def smallest_magnitude_mask(magnitudes: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -51,15 +54,26 @@ def smallest_magnitude_mask(magnitudes: torch.Tensor, n_prune: int) -> torch.Ten
     return (below | (ties & (tie_rank <= still_needed))).reshape(magnitudes.shape)
 
 
-def magnitude_threshold(x: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+def magnitude_threshold(x: torch.Tensor, keep_fraction: float | torch.Tensor, *, groups: int = 1) -> torch.Tensor:
     """Magnitude of the k-th largest entry of `x`, `k = ceil(keep_fraction * numel)`, as a 0-d tensor.
 
     Keeping `|x| >= threshold` keeps the top k entries plus any ties at the threshold (SPEC 2).
+    With `groups` > 1, `x` is that many equal consecutive chunks (stacked clients, `models.stacked`)
+    and each gets its own threshold: the result has shape (groups,). A float `keep_fraction` selects
+    with `topk` (k known on the host); a device tensor (one entry, or one per group) selects with a
+    sort and a gather, so a keep fraction that lives on the device is never read back to the host.
     """
-    n = x.numel()
-    k = min(n, max(1, math.ceil(keep_fraction * n)))
-    magnitudes = x.detach().reshape(-1).abs()
-    return _kth_smallest(magnitudes, n - k + 1)
+    magnitudes = x.detach().reshape(groups, -1).abs()
+    n = magnitudes.shape[1]
+    if isinstance(keep_fraction, torch.Tensor):
+        # Float64 as the host path computes `ceil(keep_fraction * n)` in Python floats.
+        k = torch.ceil(keep_fraction.to(torch.float64).reshape(-1, 1) * n).clamp(1, n).long()
+        descending = torch.sort(magnitudes, dim=1, descending=True).values
+        threshold = descending.gather(1, k.expand(groups, 1) - 1).reshape(groups)
+    else:
+        k = min(n, max(1, math.ceil(keep_fraction * n)))
+        threshold = _kth_smallest(magnitudes, n - k + 1)
+    return threshold.reshape(()) if groups == 1 else threshold
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ Each Powerprop layer gets its own exponent `e = 1 + mean(|V| / sigma)`, where `s
 power-iteration estimate of the largest singular value of `|V|` reshaped to `(out, -1)`. The mean
 runs over all entries, zeros included (the authors' final code). The exponent is computed once per
 round, when a fresh global state is loaded, and held fixed (a float, no gradient) while training.
+A client-stacked network (`models.stacked`) gives each client its own exponents, computed from its
+own chunk of every layer with its own generator, so they are exactly the ones it gets alone.
 """
 
 from __future__ import annotations
@@ -42,18 +44,23 @@ def spectral_exponent(stored: torch.Tensor, generator: torch.Generator | None = 
     return round(exponent, 8)
 
 
-def update_spectral_exponents(model: nn.Module, seed: int) -> dict[str, float]:
+def update_spectral_exponents(model: nn.Module, seed: int, clients: int = 1) -> dict[str, float | tuple[float, ...]]:
     """Recompute and set the exponent of every Powerprop layer; returns them by layer name.
 
-    Seeded so that a client's exponents depend only on the received state and the seed.
+    Seeded so that a client's exponents depend only on the received state and the seed. With
+    `clients` > 1 (a stacked network) every client draws from its own generator seeded with `seed`,
+    as it would alone, and each layer gets one exponent per client (a tuple in the result).
     """
-    generator = torch.Generator().manual_seed(seed)
-    exponents: dict[str, float] = {}
+    generators = [torch.Generator().manual_seed(seed) for _ in range(clients)]
+    exponents: dict[str, float | tuple[float, ...]] = {}
     for name, module in prunable_layers(model):
         parametrization = powerprop_of(module)
         if parametrization is None:
             continue
         stored = module.parametrizations.weight.original  # type: ignore[union-attr]
-        parametrization.exponent = spectral_exponent(stored, generator)
-        exponents[name] = parametrization.exponent
+        rows = stored.shape[0] // clients  # client i owns rows [i * rows, (i + 1) * rows)
+        parts = stored.detach().view(clients, -1)
+        values = [spectral_exponent(part.view(rows, -1), g) for part, g in zip(parts, generators, strict=True)]
+        parametrization.set_client_exponents(values)
+        exponents[name] = values[0] if clients == 1 else tuple(values)
     return exponents

@@ -5,6 +5,10 @@ are zeroed in place, keeping the top `1 - sparsity` fraction of the layer. Conv 
 threshold on the first training forward of a fit and reuse it (the authors' behaviour, default);
 linear layers select it at every step. Pruned weights still receive gradients (beta = 1), so they
 can regrow after the optimizer step and are pruned again at the next forward.
+
+A client-stacked network (`models.stacked`) holds each client's part of a layer as one consecutive
+chunk of the stored weight; every client gets its own threshold over its own chunk (one batched
+`topk`), exactly as it would alone.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from sparsyfed_lightning.sparse.pruning import check_sparsity, magnitude_thresho
 
 
 class WeightTopK:
-    """Keep the top `1 - sparsity` stored weights of each selected layer at every training forward."""
+    """Keep the top `1 - sparsity` stored weights of each selected layer at every training forward.
+
+    `clients`: the number of clients `model` stacks; each keeps its own top weights of every layer.
+    """
 
     def __init__(
         self,
@@ -30,8 +37,10 @@ class WeightTopK:
         *,
         threshold: Literal["first_batch", "per_step"] = "first_batch",
         layer_names: Iterable[str] | None = None,
+        clients: int = 1,
     ) -> None:
         self.model = model
+        self.clients = clients
         self.keep_fraction = 1.0 - check_sparsity(sparsity)
         if threshold not in ("first_batch", "per_step"):
             raise ValueError(f"threshold must be 'first_batch' or 'per_step', got {threshold!r}")
@@ -68,9 +77,10 @@ class WeightTopK:
             weight = stored_weight(module)
             threshold = self._thresholds.get(name)
             if threshold is None or not self._frozen[name]:
-                threshold = magnitude_threshold(weight, self.keep_fraction)
+                threshold = magnitude_threshold(weight, self.keep_fraction, groups=self.clients)
                 self._thresholds[name] = threshold
             with torch.no_grad():
-                weight.masked_fill_(weight.abs() < threshold, 0)
+                parts = weight.view(self.clients, -1)  # in-place edits reach `weight`
+                parts.masked_fill_(parts.abs() < threshold.view(-1, 1), 0)
 
         return hook
