@@ -239,11 +239,6 @@ def test_vit_every_linear_is_powerpropped_and_its_3d_inputs_are_pruned_exactly()
     pruning.detach()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sparse/activations.py finds a Linear's saved input by data pointer; F.linear saves a reshaped copy "
-    "of a non-contiguous N-D input, which is then stored unpruned (fix belongs to the sync-free helper's change)",
-)
 def test_non_contiguous_3d_linear_input_is_pruned():
     torch.manual_seed(0)
     layer = nn.Linear(16, 8)

@@ -449,8 +449,8 @@ class ActivationPruning:
             threshold = threshold.view(1, self.clients, 1)
         return threshold.clamp_min(_smallest_positive(x.dtype))
 
-    def _pre_hook(self, name: str, state: _LayerState) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def _pre_hook(self, name: str, state: _LayerState) -> Callable[..., tuple | None]:
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
             if not (mod.training and torch.is_grad_enabled()):
                 return
             state.last = None
@@ -458,7 +458,12 @@ class ActivationPruning:
                 state.device_keep = self._device_keep_fractions(name)
             elif state.keep_fraction >= 1.0:
                 return  # a dense layer prunes nothing (round 1 of SparsyFed)
-            x = args[0]
+            x, replaced = args[0], None
+            if x.dim() > 2 and is_linear(mod) and not x.is_contiguous():
+                # F.linear would save a reshaped copy of a non-contiguous N-D input, which the pack hook
+                # cannot recognise as the layer's input: give the layer a contiguous one (same values).
+                x = x.contiguous()
+                replaced = (x, *args[1:])
             if state.threshold is None or not state.freeze_threshold:
                 state.threshold = self._select_threshold(x, state)
             threshold = state.threshold
@@ -469,6 +474,7 @@ class ActivationPruning:
                 threshold = torch.where(dense, _smallest_positive(x.dtype), threshold)
             state.hooks = saved_tensors_hooks(self._make_pack(x, state, threshold), _unpack)
             state.hooks.__enter__()
+            return replaced
 
         return hook
 
