@@ -43,6 +43,6 @@ def test_every_config_the_readme_names_exists_and_parses(capsys):
 
 
 @pytest.mark.parametrize("doc", ["docs/OPTIONS.md", "docs/PERFORMANCE.md", "docs/RESULTS.md", "docs/FLOWER.md",
-                                 "docs/SWEEPS.md"])
+                                 "docs/SWEEPS.md", "docs/RELIABILITY.md", "docs/LIGHTNING.md"])
 def test_linked_documents_exist(doc):
     assert doc in README and (ROOT / doc).is_file()
