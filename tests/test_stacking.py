@@ -332,7 +332,7 @@ def test_stack_clients_must_be_auto_or_positive(value):
 
 def test_auto_stacks_small_cpu_steps_and_leaves_large_ones_alone():
     """auto: 10 clients per fit for steps under the CPU threshold, 1 above it, from the forward FLOPs."""
-    from sparsyfed_lightning.federated.trainer import STACK_ON_CPU_BELOW_FLOPS
+    from sparsyfed_lightning.federated.engine_setup import STACK_ON_CPU_BELOW_FLOPS
     from sparsyfed_lightning.methods import Dense
 
     small = EqualSizeData()  # 6x6 inputs: well under the threshold

@@ -40,10 +40,10 @@ from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.federated import ddp
 from sparsyfed_lightning.federated.checkpoint import CHECKPOINT_NAME, RunCheckpoints, content_digest, load_model_state
 from sparsyfed_lightning.federated.client_runner import ClientRunner, quiet_lightning, state_on_cpu
-from sparsyfed_lightning.federated.client_spec import ClientSpec
 from sparsyfed_lightning.federated.compat import check_model_fits_data, check_state_fits_model
 from sparsyfed_lightning.federated.devices import plan_devices
-from sparsyfed_lightning.federated.engines import InProcessEngine, RoundAbandoned
+from sparsyfed_lightning.federated.engine_setup import build_engine
+from sparsyfed_lightning.federated.engines import RoundAbandoned
 from sparsyfed_lightning.federated.engines_flower import FlowerConfig, require_flower
 from sparsyfed_lightning.federated.errors import CheckpointError, RunFailedError, RunInterrupted
 from sparsyfed_lightning.federated.lightning_hooks import (
@@ -81,14 +81,6 @@ _CLIENT_TRAINER_KEYS = (
     "limit_train_batches",
     "sync_batchnorm",
 )
-# `stack_clients: auto`. On a GPU stacking pays (DESIGN.md: ResNet-18, 10 clients, 5x faster on an
-# H200). On a CPU grouped convolutions run slower than plain ones, which only the per-step overhead
-# saved makes up for on small steps: measured here (2 cores, 10 clients stacked against one after
-# the other), small_cnn at batch 16 took 0.75x the time at 8x8 inputs (57 MFLOP per forward pass),
-# 0.95x at 12x12 (129 MFLOP), 1.23x at 16x16 (229 MFLOP), 1.51x at 32x32; logmel_cnn 1.74x,
-# resnet18_cifar 1.3x.
-AUTO_STACK_CLIENTS = 10
-STACK_ON_CPU_BELOW_FLOPS = 100e6
 __all__ = ["CHECKPOINT_NAME", "FINAL_MODEL_NAME", "METRICS_NAME", "FederatedTrainer"]
 
 
@@ -569,44 +561,7 @@ class FederatedTrainer(L.Trainer):
         return RunFiles(self.run_dir, self.rounds, self.checkpoint_every, self.mask_snapshot_every)
 
     def _build_engine(self, model: ClientModule, runner: ClientRunner, datamodule: Any, stop: StopSignals) -> Any:
-        if self.engine_name == "flower":
-            from sparsyfed_lightning.federated.engines_flower import FlowerEngine
-
-            return FlowerEngine(self, datamodule)
-        stack = self._clients_per_stacked_fit(runner, datamodule)
-        plan = self.device_plan
-        if plan.mode == "clients":
-            from sparsyfed_lightning.federated.device_workers import DeviceWorkerPool, DeviceWorkersEngine
-
-            spec = ClientSpec.from_objects(
-                model, self.method, datamodule, self.local_epochs, self.client_trainer_kwargs, key="device-workers"
-            )
-            threads = self.num_threads or (1 if plan.accelerator == "cpu" else None)
-            return DeviceWorkersEngine(
-                DeviceWorkerPool(spec, plan, threads), runner, datamodule, self.seed, stack,
-                retry_alone=self.accept_failures, should_stop=lambda: stop.requested,
-            )
-        # DDP ranks must stop together: only at round boundaries (agreed in `_run_rounds`) and, inside a
-        # fit, where Lightning broadcasts rank 0's SIGTERM flag at every batch.
-        should_stop = (lambda: False) if plan.mode == "ddp" else (lambda: stop.requested)
-        return InProcessEngine(
-            runner, datamodule, self.seed, stack, retry_alone=self.accept_failures, should_stop=should_stop
-        )
-
-    def _clients_per_stacked_fit(self, runner: ClientRunner, datamodule: Any) -> int:
-        """`stack_clients` with "auto" resolved; 1 where stacking is unavailable (see its doc)."""
-        try:
-            probe = datamodule.client_train_dataloader(0)
-        except Exception:  # noqa: BLE001 - a client that cannot load fails in its round, not here
-            probe = None
-        if not runner.can_stack(probe):  # with a loader, also checks the model keeps stacked clients apart
-            return 1
-        if self.stack_clients != "auto":
-            return self.stack_clients
-        if runner.trainer.strategy.root_device.type != "cpu":
-            return AUTO_STACK_CLIENTS
-        flops = runner.forward_flops(probe) if probe is not None else None
-        return AUTO_STACK_CLIENTS if flops is not None and flops < STACK_ON_CPU_BELOW_FLOPS else 1
+        return build_engine(self, model, runner, datamodule, stop)
 
     def _client_lr(self, round_index: int, model: ClientModule) -> float:
         assert self._decay_horizon is not None
