@@ -156,8 +156,8 @@ def format_bytes(value: float) -> str:
     return f"{value:.3g} B"
 
 
-def _log_axis(axis: Any, values: list[float], label: Any) -> None:
-    """Major ticks at powers of ten; also at 2 and 5 of each when `values` span under two decades, at
+def readable_log_axis(axis: Any, values: list[float], label: Any = lambda value: f"{value:.3g}") -> None:
+    """Labelled major ticks at powers of ten; also at 2 and 5 of each when `values` span under two decades, at
     1.5, 3 and 7 too under one."""
     positive = [v for v in values if v > 0]
     span = max(positive) / min(positive) if positive else math.inf
@@ -169,12 +169,12 @@ def _log_axis(axis: Any, values: list[float], label: Any) -> None:
 
 def bytes_axis(axis: Any, values: list[float]) -> None:
     """A log axis of bytes labelled 1 MB, 10 MB, 100 MB, ..."""
-    _log_axis(axis, values, format_bytes)
+    readable_log_axis(axis, values, format_bytes)
 
 
 def percent_log_axis(axis: Any, values: list[float]) -> None:
     """A log axis of percentages labelled 0.1%, 1%, 10%, 100%."""
-    _log_axis(axis, values, lambda value: f"{value:g}%")
+    readable_log_axis(axis, values, lambda value: f"{value:g}%")
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

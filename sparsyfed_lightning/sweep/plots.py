@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from sparsyfed_lightning.plots import readable_log_axis  # noqa: E402
 from sparsyfed_lightning.sweep.arguments import OneLineParser  # noqa: E402
 from sparsyfed_lightning.sweep.definition import SweepDefinitionError  # noqa: E402
 from sparsyfed_lightning.sweep.grid import name_value  # noqa: E402
@@ -153,7 +154,8 @@ def plot_accuracy_vs_communication(figures: _Figures, out: Path) -> Path | None:
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                         capsize=3, color=figures.colour[figures.label(row)], label=figures.label(row),
                         linestyle="--" if row in references else "-")
-        _log_scale(ax, "x", positive=True)
+        if ax.lines:
+            _log_scale(ax, "x", [float(v) for line in ax.lines for v in line.get_xdata()])
         ax.set(xlabel="cumulative communication, up + down, relative to dense",
                ylabel=f"final {figures.metric}" + (" (%)" if figures.scale == 100 else ""),
                title=figures.group_title(group) or None)
@@ -189,7 +191,7 @@ def plot_per_round(figures: _Figures, key: str, out: Path) -> Path | None:
                             linestyle="--" if row in references else "-", label=figures.label(row),
                             marker="." if len(rounds) < 12 else None)
             if log_y and ax.lines:
-                _log_scale(ax, "y", positive=min(min(line.get_ydata()) for line in ax.lines) > 0)
+                _log_scale(ax, "y", [float(v) for line in ax.lines for v in line.get_ydata()])
             panel = ", ".join(t for t in (figures.group_title(group),
                                           column_label(figures.layout.columns, column, figures.names)) if t)
             ax.set(xlabel="round", ylabel=ylabel, title=panel or None)
@@ -202,16 +204,15 @@ def plot_per_round(figures: _Figures, key: str, out: Path) -> Path | None:
     return _save(fig, out / _FILE_NAMES.get(key, f"{key}_per_round.png"))
 
 
-def _log_scale(ax: plt.Axes, which: str, positive: bool) -> None:
-    """A log axis with plain tick labels (0.25, 300), minor ticks labelled too; symlog when zeros occur."""
+def _log_scale(ax: plt.Axes, which: str, values: list[float]) -> None:
+    """A log axis with plain, non-overlapping tick labels (0.03, 0.1, 1); symlog when zeros occur."""
     axis = ax.xaxis if which == "x" else ax.yaxis
-    if positive:
+    if min(values) > 0:
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-        axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
-        ax.tick_params(axis=which, which="minor", labelsize="x-small")
+        readable_log_axis(axis, values)
     else:
         (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=1.0)
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if abs(value) >= 1 else f"{value:.3g}"))
 
 
 def _per_round_mean(cell: Cell, key: str, first_round: int) -> tuple[list[int], list[float]]:
