@@ -178,8 +178,9 @@ def percent_log_axis(axis: Any, values: list[float]) -> None:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend placed beside the axes
     plt.close(fig)
     return path
 
@@ -378,7 +379,7 @@ def plot_regrowth(runs: list[Run], out: Path) -> Path:
 
 
 def plot_mask_iou_rounds(runs: list[Run], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11 if len(runs) > 1 else 7, 4.5), layout="constrained")
     # Round 1, and the first lagged value, compare with the dense initial model: left out.
     _lines_per_run(ax, runs, "mask_iou_previous", first_round=2, suffix=": previous round")
     lagged_rounds = sorted({m["round"] for run in runs for m in run.rows("mask_iou_lagged")})
@@ -394,7 +395,8 @@ def plot_mask_iou_rounds(runs: list[Run], out: Path) -> Path:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: "1" if value > 0.99999 - 1e-9 else f"{value:g}"))
     ax.yaxis.set_minor_locator(FixedLocator([]))
     ax.set(xlabel="round", ylabel="pooled mask IoU (logit scale)", title="Mask IoU of the global model")
-    _finish(ax)
+    # Two lines per run: beside the axes, a legend would hide the curves near IoU 1 or the lower ones.
+    _finish(ax, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(runs) > 1 else {}))
     return _save(fig, out / "mask_iou_rounds.png")
 
 
