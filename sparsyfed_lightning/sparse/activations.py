@@ -444,8 +444,14 @@ class ActivationPruning:
         if self.clients == 1:
             threshold = magnitude_threshold(x, keep[0])
         else:
-            parts = x.detach().reshape(x.shape[0], self.clients, -1)
-            threshold = torch.stack([magnitude_threshold(parts[:, i], keep[i]) for i in range(self.clients)])
+            parts = x.detach().reshape(x.shape[0], self.clients, -1).transpose(0, 1)
+            if state.device_keep is not None or len(set(keep)) == 1:
+                # One selection for all clients (they received the same model, so their keep
+                # fractions are the same host float; or they are one device tensor).
+                shared = keep if state.device_keep is not None else keep[0]
+                threshold = magnitude_threshold(parts, shared, groups=self.clients)
+            else:
+                threshold = torch.stack([magnitude_threshold(parts[i], keep[i]) for i in range(self.clients)])
             threshold = threshold.view(1, self.clients, 1)
         return threshold.clamp_min(_smallest_positive(x.dtype))
 
