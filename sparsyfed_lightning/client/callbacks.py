@@ -45,6 +45,35 @@ def network_of(pl_module: L.LightningModule) -> torch.nn.Module:
     return net if isinstance(net, torch.nn.Module) else pl_module
 
 
+class CallbackGroup(L.Callback):
+    """Several callbacks as one, for a Trainer that runs many short fits (the client fits).
+
+    Lightning calls every hook of every callback at every step (six per training step), through a
+    profiler context each; a method's callbacks implement only a few hooks, mostly at the start and
+    the end of a fit. The group implements exactly the hooks its members implement and calls those
+    members, in their order, so each other hook costs one empty call however many members there are.
+    """
+
+    def __init__(self, callbacks: Iterable[L.Callback]) -> None:
+        self.callbacks = list(callbacks)
+        for name in _HOOK_NAMES:
+            base = getattr(L.Callback, name)
+            members = [getattr(c, name) for c in self.callbacks if getattr(type(c), name) is not base]
+            if members:
+                setattr(self, name, _call_each(members))
+
+
+_HOOK_NAMES = [n for n in dir(L.Callback) if n.startswith("on_") or n in ("setup", "teardown")]
+
+
+def _call_each(hooks: list) -> object:
+    def call(*args: object, **kwargs: object) -> None:
+        for hook in hooks:
+            hook(*args, **kwargs)
+
+    return call
+
+
 class ActivationPruningCallback(L.Callback):
     """Prune the activations saved for the weight gradient (SPEC 4; see `ActivationPruning`).
 
