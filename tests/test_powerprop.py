@@ -179,10 +179,13 @@ class _ThreeLinears(nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-@pytest.mark.parametrize(("backbone", "exponent"), [("small_cnn", 1.25), ("small_cnn", 1.75), ("three_linears", 2.0)])
-def test_fused_layers_match_the_per_layer_path(backbone, exponent):
-    """`freeze_support` computes the small layers' weights in one fused call per forward: the same
-    weights, gradients and SGD steps as each layer on its own path, zeros frozen, and an unused
+@pytest.mark.parametrize(
+    ("backbone", "exponent", "density"),
+    [("small_cnn", 1.25, 0.2), ("small_cnn", 1.25, 0.9), ("small_cnn", 1.75, 0.2), ("three_linears", 2.0, 0.2)],
+)
+def test_fused_layers_match_the_per_layer_path(backbone, exponent, density):
+    """`freeze_support` computes the small layers' weights in one fused call per forward, sparse or
+    dense: the same weights, gradients and SGD steps as each layer on its own path, and an unused
     layer still without a gradient; weights read outside a forward and after `release_support` are
     computed afresh."""
     from sparsyfed_lightning.sparse.powerprop import freeze_support, release_support
@@ -195,7 +198,7 @@ def test_fused_layers_match_the_per_layer_path(backbone, exponent):
     model = powerpropify(net, exponent)
     with torch.no_grad():
         for weight in prunable_weights(model).values():
-            weight.mul_(torch.rand_like(weight) < 0.2)
+            weight.mul_(torch.rand_like(weight) < density)
     per_layer, fused = copy.deepcopy(model), model
     freeze_support(per_layer, fuse_max_numel=0)
     freeze_support(fused)

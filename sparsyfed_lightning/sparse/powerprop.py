@@ -286,11 +286,12 @@ def freeze_support(model: nn.Module, fuse_max_numel: int = FUSE_MAX_NUMEL) -> in
     be a superset of the true one. Layers denser than `SUPPORT_DENSITY_LIMIT` or smaller than
     `SUPPORT_MIN_NUMEL` keep the dense path.
 
-    Layers sparser than `SUPPORT_DENSITY_LIMIT`, smaller than `fuse_max_numel` entries and with one
-    float exponent (the parametrization alone on the weight) are also fused, per exponent, into one
-    autograd call per forward of `model` (0 fuses nothing), when the exponent's arithmetic rounds
-    the same in any layout (`abs_pow_is_positional_exact`: 1.25, 1.5, 1.75, 2, 2.5, 3, ...; other
-    exponents keep one call per layer). Returns the number of layers switched to their support.
+    Layers smaller than `fuse_max_numel` entries with one float exponent (the parametrization alone
+    on the weight), whatever their density, are also fused, per exponent, into one autograd call
+    per forward of `model` that computes on their non-zeros (0 fuses nothing), when the exponent's
+    arithmetic rounds the same in any layout (`abs_pow_is_positional_exact`: 1.25, 1.5, 1.75, 2,
+    2.5, 3, ...; other exponents keep one call per layer). Returns the number of layers switched to
+    their own support path.
     """
     release_support(model)
     switched = 0
@@ -309,7 +310,7 @@ def freeze_support(model: nn.Module, fuse_max_numel: int = FUSE_MAX_NUMEL) -> in
             parametrization.support = None
         alone = len(module.parametrizations.weight) == 1  # type: ignore[union-attr,arg-type]
         exact = parametrization.client_exponents is None and abs_pow_is_positional_exact(parametrization.exponent - 1)
-        if sparse and alone and exact and stored.numel() < fuse_max_numel:
+        if alone and exact and stored.numel() < fuse_max_numel:
             key = (parametrization.exponent, stored.device, stored.dtype)
             fusable.setdefault(key, []).append((parametrization, stored, support))
     groups = [_FusionPlan.build(exponent, layers) for (exponent, _, _), layers in fusable.items() if len(layers) > 1]
