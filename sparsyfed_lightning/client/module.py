@@ -103,6 +103,16 @@ class ClientModule(L.LightningModule):
         self.stacked_clients = 1
 
     @override
+    def __setattr__(self, name: str, value: object) -> None:
+        # Lightning sets `_current_fx_name` around every hook it calls (about 40 times a training
+        # step); nn.Module's __setattr__ first searches its parameters, buffers and submodules,
+        # which on a small network costs as much as a kernel. These names are plain attributes.
+        if name in _PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -172,6 +182,9 @@ class ClientModule(L.LightningModule):
             fused=bool(parameters) and all(_has_fused_sgd(p) for p in parameters),
         )
 
+
+# Attributes set every step that are never parameters, buffers or modules (see `__setattr__`).
+_PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_train_loss_sum", "_train_batches"})
 
 # Devices whose torch builds have the fused SGD kernel (torch's list is private); elsewhere the
 # per-tensor loop runs.
