@@ -152,3 +152,35 @@ def test_options_are_checked_and_described():
         FLASH(mask_search_round=0)
     described = FLASH(dense_warmup=True).describe()
     assert described["dense_warmup"] is True and described["exact_density"] is False
+
+
+def test_a_callback_group_calls_the_members_that_implement_a_hook_in_order():
+    """The client fits run the method's callbacks as one `CallbackGroup` (FLASH's gradient masking
+    above goes through it): each hook reaches exactly the members that implement it, in order."""
+    import lightning as L
+
+    from sparsyfed_lightning.client.callbacks import CallbackGroup
+
+    calls = []
+
+    class First(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            calls.append(("first", "on_fit_start", trainer, pl_module))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            calls.append(("first", "on_before_optimizer_step", optimizer))
+
+    class Second(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            calls.append(("second", "on_fit_start", trainer, pl_module))
+
+    group = CallbackGroup([First(), Second()])
+    group.on_fit_start("trainer", "module")
+    group.on_before_optimizer_step("trainer", "module", "optimizer")
+    group.on_train_batch_end("trainer", "module", None, None, 0)  # nobody implements it: a no-op
+    assert calls == [
+        ("first", "on_fit_start", "trainer", "module"),
+        ("second", "on_fit_start", "trainer", "module"),
+        ("first", "on_before_optimizer_step", "optimizer"),
+    ]
+    assert "on_train_batch_end" not in vars(group) and "on_fit_start" in vars(group)

@@ -155,6 +155,94 @@ def test_support_path_is_bit_identical_to_dense_path(exponent):
     assert all(powerprop_of(m).support is None for _, m in prunable_layers(model))
 
 
+def _graph_nodes(output: torch.Tensor) -> list[str]:
+    """Class names of every node in the autograd graph behind `output`."""
+    seen, stack, names = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+class _ThreeLinears(nn.Module):
+    """Three linear layers of which the forward uses two (an unused layer must get no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.unused = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+@pytest.mark.parametrize(
+    ("backbone", "exponent", "density"),
+    [("small_cnn", 1.25, 0.2), ("small_cnn", 1.25, 0.9), ("small_cnn", 1.75, 0.2), ("three_linears", 2.0, 0.2)],
+)
+def test_fused_layers_match_the_per_layer_path(backbone, exponent, density):
+    """`freeze_support` computes the small layers' weights in one fused call per forward, sparse or
+    dense: the same weights, gradients and SGD steps as each layer on its own path, and an unused
+    layer still without a gradient; weights read outside a forward and after `release_support` are
+    computed afresh."""
+    from sparsyfed_lightning.sparse.powerprop import freeze_support, release_support
+
+    torch.manual_seed(0)
+    if backbone == "small_cnn":
+        net, shape, classes = build_model("small_cnn", 3, width=32), (4, 1, 8, 8), 3
+    else:
+        net, shape, classes = _ThreeLinears(), (4, 16), 4
+    model = powerpropify(net, exponent)
+    with torch.no_grad():
+        for weight in prunable_weights(model).values():
+            weight.mul_(torch.rand_like(weight) < density)
+    per_layer, fused = copy.deepcopy(model), model
+    freeze_support(per_layer, fuse_max_numel=0)
+    freeze_support(fused)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1e-3) for m in (per_layer, fused)]
+    for step in range(3):
+        x, y = torch.randn(*shape), torch.randint(0, classes, (shape[0],))
+        outputs = []
+        for m, optimizer in zip((per_layer, fused), optimizers, strict=True):
+            optimizer.zero_grad()
+            out = m(x)
+            nn.functional.cross_entropy(out, y).backward()
+            outputs.append(out)
+            if step == 0:
+                assert _graph_nodes(out).count("_FusedSignedPowerBackward") == (m is fused)
+        assert torch.equal(outputs[0], outputs[1])
+        for (key, a), b in zip(prunable_weights(per_layer).items(), prunable_weights(fused).values(), strict=True):
+            assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), key
+        for optimizer in optimizers:
+            optimizer.step()
+    for (key, a), b in zip(prunable_weights(per_layer).items(), prunable_weights(fused).values(), strict=True):
+        assert torch.equal(a, b), key
+    if backbone == "three_linears":
+        assert fused.unused.parametrizations.weight.original.grad is None
+    for _, module in prunable_layers(fused):  # outside a forward: from the current v
+        v = module.parametrizations.weight.original.detach()
+        assert torch.equal(module.weight, signed_power(v, exponent))
+    release_support(fused)
+    assert "_FusedSignedPowerBackward" not in _graph_nodes(fused(torch.randn(*shape)))
+
+
+def test_exponents_that_could_round_by_position_are_not_fused():
+    from sparsyfed_lightning.sparse.powerprop import abs_pow_is_positional_exact, freeze_support
+
+    assert [abs_pow_is_positional_exact(e - 1) for e in (1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 1.3, 2.25)] == [
+        True, True, True, True, True, True, False, False]
+    model = powerpropify(build_model("small_cnn", 3, width=32), 1.3)
+    with torch.no_grad():
+        for weight in prunable_weights(model).values():
+            weight.mul_(torch.rand_like(weight) < 0.2)
+    assert freeze_support(model) == 2
+    assert "_FusedSignedPowerBackward" not in _graph_nodes(model(torch.randn(2, 1, 8, 8)))
+    assert "_SignedPowerBackward" in _graph_nodes(model(torch.randn(2, 1, 8, 8)))
+
+
 @pytest.mark.parametrize("frozen_support", [False, True])
 def test_per_client_exponents_match_each_client_alone(frozen_support):
     """A stacked layer with one exponent per client (chunks of rows) computes each chunk as a layer

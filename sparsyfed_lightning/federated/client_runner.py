@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sparsyfed_lightning.client.callbacks import CallbackGroup
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import StackedBatchLoader
 from sparsyfed_lightning.federated import ddp
@@ -120,7 +121,8 @@ class ClientRunner:
         )
 
     def _fit_trainer(self) -> L.Trainer:
-        return L.Trainer(max_epochs=0, barebones=True, callbacks=self.method.client_callbacks(), **self.trainer_kwargs)
+        callbacks = [CallbackGroup(self.method.client_callbacks())]
+        return L.Trainer(max_epochs=0, barebones=True, callbacks=callbacks, **self.trainer_kwargs)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Load a global state into the module's network."""

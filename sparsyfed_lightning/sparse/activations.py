@@ -251,7 +251,7 @@ class _Capacity:
 
 class _LayerState:
     __slots__ = (
-        "keep_fraction", "client_keep", "device_keep", "threshold", "freeze_threshold", "capacity",
+        "keep_fraction", "client_keep", "device_keep", "threshold", "shrink", "freeze_threshold", "capacity",
         "overflows", "hooks", "last", "total",
     )
 
@@ -260,6 +260,9 @@ class _LayerState:
         self.client_keep = [1.0]  # one per stacked client, read on the host when a fit starts
         self.device_keep: torch.Tensor | None = None  # per client, re-read on the device every step
         self.threshold: torch.Tensor | None = None
+        # The largest float below a frozen 0-d threshold, on the host: `hardshrink` by it keeps
+        # |x| >= threshold, the dense pruned copy in one kernel (read once, when it is selected).
+        self.shrink: float | None = None
         self.freeze_threshold = freeze_threshold
         self.capacity: _Capacity | None = None
         self.overflows: torch.Tensor | None = None  # per client, compact copies of this fit that overflowed
@@ -369,6 +372,7 @@ class ActivationPruning:
             state = self._states[name]
             self._set_keep(state, fractions)
             state.threshold = None
+            state.shrink = None
             state.capacity = None
             state.overflows = None
             state.device_keep = None
@@ -444,8 +448,14 @@ class ActivationPruning:
         if self.clients == 1:
             threshold = magnitude_threshold(x, keep[0])
         else:
-            parts = x.detach().reshape(x.shape[0], self.clients, -1)
-            threshold = torch.stack([magnitude_threshold(parts[:, i], keep[i]) for i in range(self.clients)])
+            parts = x.detach().reshape(x.shape[0], self.clients, -1).transpose(0, 1)
+            if state.device_keep is not None or len(set(keep)) == 1:
+                # One selection for all clients (they received the same model, so their keep
+                # fractions are the same host float; or they are one device tensor).
+                shared = keep if state.device_keep is not None else keep[0]
+                threshold = magnitude_threshold(parts, shared, groups=self.clients)
+            else:
+                threshold = torch.stack([magnitude_threshold(parts[i], keep[i]) for i in range(self.clients)])
             threshold = threshold.view(1, self.clients, 1)
         return threshold.clamp_min(_smallest_positive(x.dtype))
 
@@ -466,6 +476,9 @@ class ActivationPruning:
                 replaced = (x, *args[1:])
             if state.threshold is None or not state.freeze_threshold:
                 state.threshold = self._select_threshold(x, state)
+                if state.freeze_threshold and state.device_keep is None and state.threshold.dim() == 0:
+                    below = torch.nextafter(state.threshold, state.threshold.new_zeros(()))
+                    state.shrink = float(below)  # the first batch may synchronise
             threshold = state.threshold
             if state.device_keep is not None and state.freeze_threshold:
                 # A layer whose weights have become dense keeps all of its input, as a dense layer
@@ -536,8 +549,12 @@ class ActivationPruning:
 
         def pack(t: torch.Tensor) -> object:
             if t.data_ptr() == input_ptr and t.numel() == input_numel:
-                keep = keep_mask(t, threshold)
-                stored = self._compact(t, keep, state) if compact else torch.where(keep, t.detach(), 0)
+                if compact:
+                    stored = self._compact(t, keep_mask(t, threshold), state)
+                elif state.shrink is not None:
+                    stored = torch.nn.functional.hardshrink(t.detach(), state.shrink)
+                else:
+                    stored = torch.where(keep_mask(t, threshold), t.detach(), 0)
                 state.last, state.total = stored, input_numel
                 return stored
             node = t.grad_fn

@@ -15,16 +15,26 @@ A client-stacked layer (`models.stacked`: client i owns the i-th consecutive chu
 each client its own exponent (`Powerprop.set_client_exponents`, the spectral variant): the exponent
 is then a small device tensor broadcast over the rows of `v` (or over the frozen support), and the
 same single autograd Function still saves only `v`.
+
+During a fit `freeze_support` also fuses the small layers: one root forward pre-hook computes the
+effective weights of every frozen layer below `FUSE_MAX_NUMEL` entries that shares one float
+exponent in a single autograd call (`_FusedSignedPower`), and each layer's parametrization hands
+out its part. Per layer and step that replaces an autograd Function call and about ten small
+kernels in each direction by a share of one; on a small network, where those fixed costs rival
+the arithmetic, this is most of what Powerprop costs (docs/PERFORMANCE.md). The arithmetic per
+entry is the same, so the weights and gradients are those of the per-layer path.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from sparsyfed_lightning.sparse.layers import prunable_layers
 
@@ -53,6 +63,21 @@ def abs_pow(v: torch.Tensor, exponent: float | torch.Tensor) -> torch.Tensor:
     else:
         base, power = magnitude.sqrt_().sqrt_(), quarters
     return base if power == 1 else base.pow(power)
+
+
+def abs_pow_is_positional_exact(exponent: float) -> bool:
+    """Whether `abs_pow(v, exponent)` uses only abs, square roots and at most cubes of `v`.
+
+    Those are correctly rounded, so an entry's result does not depend on where it sits in the
+    tensor; `pow` with other exponents takes vectorised and scalar code paths that may differ in
+    the last bit, so computing the same entries in a longer tensor could round differently.
+    """
+    quarters = exponent * 4
+    if quarters != round(quarters) or not 1 <= quarters <= 16:
+        return False
+    quarters = round(quarters)
+    power = quarters // 4 if quarters % 4 == 0 else quarters // 2 if quarters % 2 == 0 else quarters
+    return power <= 3
 
 
 class _SignedPower(torch.autograd.Function):
@@ -131,6 +156,8 @@ class Powerprop(nn.Module):
         # Device copies of `client_exponents`, per row of v and per support entry (built lazily).
         self._row_exponents: torch.Tensor | None = None
         self._support_exponents: torch.Tensor | None = None
+        # (v, w) while a fused forward of the whole network has computed this layer's w from v.
+        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def support(self) -> torch.Tensor | None:
@@ -186,6 +213,9 @@ class Powerprop(nn.Module):
         return values.repeat_interleave(like.shape[0] // len(per_client)).view(-1, *[1] * (like.dim() - 1))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        fused = self._fused
+        if fused is not None and fused[0] is v:
+            return fused[1]
         if self.is_identity:
             return v
         return signed_power(v, self._exponent_for(v), self._support)
@@ -238,10 +268,15 @@ def powerpropify(
 # on CPU: 62 us dense against 109 us on the support for a 288-entry stem, 658 against 174 at 37k).
 SUPPORT_DENSITY_LIMIT = 0.5
 SUPPORT_MIN_NUMEL = 4096
+# Frozen layers below this size are fused (see the module doc). Larger ones keep their own call:
+# its fixed cost is small beside their arithmetic, and activation pruning can then store their
+# effective weight as "recompute from v" instead of saving it (`ActivationPruning`, whose
+# MIN_COMPACT_NUMEL is the same size).
+FUSE_MAX_NUMEL = 1 << 18
 
 
 @torch.no_grad()
-def freeze_support(model: nn.Module) -> int:
+def freeze_support(model: nn.Module, fuse_max_numel: int = FUSE_MAX_NUMEL) -> int:
     """Let every Powerprop layer compute on its current non-zeros only, until `release_support`.
 
     Valid while zeros of `v` stay zero, which holds during local training with beta > 1: the
@@ -250,29 +285,145 @@ def freeze_support(model: nn.Module) -> int:
     Entries that become zero later are still computed (and give zero), so the support may only
     be a superset of the true one. Layers denser than `SUPPORT_DENSITY_LIMIT` or smaller than
     `SUPPORT_MIN_NUMEL` keep the dense path.
-    Returns the number of layers switched.
+
+    Layers smaller than `fuse_max_numel` entries with one float exponent (the parametrization alone
+    on the weight), whatever their density, are also fused, per exponent, into one autograd call
+    per forward of `model` that computes on their non-zeros (0 fuses nothing), when the exponent's
+    arithmetic rounds the same in any layout (`abs_pow_is_positional_exact`: 1.25, 1.5, 1.75, 2,
+    2.5, 3, ...; other exponents keep one call per layer). Returns the number of layers switched to
+    their own support path.
     """
+    release_support(model)
     switched = 0
+    fusable: dict[tuple[float, torch.device, torch.dtype], list[tuple[Powerprop, torch.Tensor, torch.Tensor]]] = {}
     for _, module in prunable_layers(model):
         parametrization = powerprop_of(module)
         if parametrization is None or parametrization.is_identity:
             continue
         stored = module.parametrizations.weight.original  # type: ignore[union-attr]
         support = torch.nonzero(stored.reshape(-1)).reshape(-1)
-        if stored.numel() >= SUPPORT_MIN_NUMEL and support.numel() < SUPPORT_DENSITY_LIMIT * stored.numel():
+        sparse = support.numel() < SUPPORT_DENSITY_LIMIT * stored.numel()
+        if sparse and stored.numel() >= SUPPORT_MIN_NUMEL:
             parametrization.support = support
             switched += 1
         else:
             parametrization.support = None
+        alone = len(module.parametrizations.weight) == 1  # type: ignore[union-attr,arg-type]
+        exact = parametrization.client_exponents is None and abs_pow_is_positional_exact(parametrization.exponent - 1)
+        if alone and exact and stored.numel() < fuse_max_numel:
+            key = (parametrization.exponent, stored.device, stored.dtype)
+            fusable.setdefault(key, []).append((parametrization, stored, support))
+    groups = [_FusionPlan.build(exponent, layers) for (exponent, _, _), layers in fusable.items() if len(layers) > 1]
+    if groups:
+        model._powerprop_fusion = _PowerpropFusion(model, groups)  # type: ignore[assignment]
     return switched
 
 
 def release_support(model: nn.Module) -> None:
-    """Return every Powerprop layer to dense computation (see `freeze_support`)."""
+    """Return every Powerprop layer to dense computation, unfused (see `freeze_support`)."""
+    fusion = model.__dict__.pop("_powerprop_fusion", None)
+    if fusion is not None:
+        fusion.remove()
     for _, module in prunable_layers(model):
         parametrization = powerprop_of(module)
         if parametrization is not None:
             parametrization.support = None
+
+
+@dataclass
+class _FusionPlan:
+    """Layers whose effective weights one `_FusedSignedPower` call computes (one shared exponent)."""
+
+    exponent: float
+    parametrizations: list[Powerprop]
+    stored: list[torch.Tensor]  # each layer's v
+    supports: list[torch.Tensor]  # flat indices of each v's non-zeros
+    flat_support: torch.Tensor  # the same indices into the layers' concatenation
+    sizes: list[int]
+    shapes: list[torch.Size]
+
+    @staticmethod
+    def build(exponent: float, layers: list[tuple[Powerprop, torch.Tensor, torch.Tensor]]) -> _FusionPlan:
+        sizes = [stored.numel() for _, stored, _ in layers]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        supports = [support for _, _, support in layers]
+        return _FusionPlan(
+            exponent=exponent,
+            parametrizations=[p for p, _, _ in layers],
+            stored=[stored for _, stored, _ in layers],
+            supports=supports,
+            flat_support=torch.cat([support + offset for support, offset in zip(supports, offsets, strict=True)]),
+            sizes=sizes,
+            shapes=[stored.shape for _, stored, _ in layers],
+        )
+
+
+class _FusedSignedPower(torch.autograd.Function):
+    """`_SignedPower` on the supports of several tensors sharing one float exponent, in one call.
+
+    Inputs are a `_FusionPlan` and its tensors v_1..v_n; outputs w_1..w_n, views of one buffer.
+    Gathering, the power and the products run once over the concatenated supports: entry by entry
+    the arithmetic of the per-layer support path. A w_i that gets no gradient leaves v_i without one,
+    as the per-layer path would.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _FusionPlan, *stored: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        values = torch.cat([v.reshape(-1).index_select(0, s) for v, s in zip(stored, plan.supports, strict=True)])
+        scale = abs_pow(values, plan.exponent - 1.0)
+        ctx.plan = plan
+        ctx.save_for_backward(scale.mul(plan.exponent))
+        out = torch.zeros(sum(plan.sizes), dtype=values.dtype, device=values.device)
+        out.scatter_(0, plan.flat_support, values * scale)
+        return tuple(part.view(shape) for part, shape in zip(out.split(plan.sizes), plan.shapes, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        plan: _FusionPlan = ctx.plan
+        (derivative,) = ctx.saved_tensors
+        parts = [
+            g.reshape(-1).index_select(0, s) if g is not None else s.new_zeros(s.shape, dtype=derivative.dtype)
+            for g, s in zip(grads, plan.supports, strict=True)
+        ]
+        out = torch.zeros(sum(plan.sizes), dtype=derivative.dtype, device=derivative.device)
+        out.scatter_(0, plan.flat_support, torch.cat(parts) * derivative)
+        views = out.split(plan.sizes)
+        return None, *(
+            view.view(shape) if g is not None else None
+            for view, shape, g in zip(views, plan.shapes, grads, strict=True)
+        )
+
+
+class _PowerpropFusion:
+    """Hooks on a model's forward that compute its fused layers' weights once per forward (see `freeze_support`).
+
+    The weights are handed to the parametrizations for the duration of that forward only, so a
+    weight read outside a forward of `model` (or after the optimizer has stepped) is computed afresh.
+    """
+
+    def __init__(self, model: nn.Module, plans: list[_FusionPlan]) -> None:
+        self.plans = plans
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._before_forward),
+            model.register_forward_hook(self._after_forward, always_call=True),
+        ]
+
+    def _before_forward(self, module: nn.Module, args: object) -> None:
+        for plan in self.plans:
+            weights = _FusedSignedPower.apply(plan, *plan.stored)
+            for parametrization, stored, weight in zip(plan.parametrizations, plan.stored, weights, strict=True):
+                parametrization._fused = (stored, weight)
+
+    def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
+        for plan in self.plans:
+            for parametrization in plan.parametrizations:
+                parametrization._fused = None
+
+    def remove(self) -> None:
+        self._after_forward(None, None, None)  # type: ignore[arg-type]
+        for handle in self._handles:
+            handle.remove()
 
 
 def powerprop_of(module: nn.Module) -> Powerprop | None:
