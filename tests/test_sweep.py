@@ -496,7 +496,9 @@ def _one_error_line(capsys) -> str:
 # -- the documented sweeps ---------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED_RUNS = {"configs/sweeps/digits_fidelity.yaml": 78, "configs/sweeps/digits_guarded.yaml": 30,
-                   "configs/sweeps/digits_ablations.yaml": 30}
+                   "configs/sweeps/digits_ablations.yaml": 30, "configs/sweeps/fmnist_study.yaml": 18,
+                   "configs/sweeps/fmnist_guarded.yaml": 8}
+DOCUMENTED_BASES = {"digits": "configs/fidelity_digits.yaml", "fmnist": "configs/fmnist_study.yaml"}
 
 
 def test_the_documented_sweeps_exist_expand_to_their_run_counts_and_their_runs_are_valid():
@@ -510,7 +512,7 @@ def test_the_documented_sweeps_exist_expand_to_their_run_counts_and_their_runs_a
                                    (ROOT / doc).read_text()))
     assert {grid for _, grid in commands} == set(DOCUMENTED_RUNS)
     for config, grid in commands:
-        assert config == "configs/fidelity_digits.yaml"
+        assert config == DOCUMENTED_BASES[Path(grid).stem.split("_")[0]], (config, grid)
         points = expand_grid(load_grid(ROOT / grid))
         assert len(points) == DOCUMENTED_RUNS[grid], grid
         # Every distinct method setting once (alpha and seed are plain numbers): a quick full check.
