@@ -328,8 +328,15 @@ MAX_LAYER_LEGEND = 12
 
 def plot_layer_density(runs: list[Run], out: Path) -> Path:
     panels = [run for run in runs if run.rows("layer_density")]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.8), squeeze=False)
-    for ax, run in zip(axes[0], panels, strict=False):
+    # At most three panels a row, so that several runs stay readable side by side.
+    count = max(len(panels), 1)
+    columns = min(count, 3)
+    grid_rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(6.5 * columns, 6.2 * grid_rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, run in zip(axes.flat, panels, strict=False):
         rows = run.rows("layer_density")
         keys = list(rows[-1]["layer_density"])
         rounds = [m["round"] for m in rows]
@@ -361,7 +368,9 @@ def plot_layer_density(runs: list[Run], out: Path) -> Path:
         ax.set_ylim(floor / 1.5, 150)
         percent_log_axis(ax.yaxis, [floor / 1.5, 150])
         ax.set(xlabel="round", ylabel="density of the layer's weights", title=f"Per-layer density: {run.label}")
-        _finish(ax, fontsize="x-small", ncol=2 if len(keys) > 6 and named else 1)
+        # Below the panel: a legend inside would cover the curves of some layer.
+        _finish(ax, fontsize="x-small", ncol=3 if len(keys) > 6 and named else 2, loc="upper center",
+                bbox_to_anchor=(0.5, -0.14))
     return _save(fig, out / "layer_density.png")
 
 
