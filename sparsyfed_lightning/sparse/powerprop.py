@@ -52,17 +52,28 @@ def abs_pow(v: torch.Tensor, exponent: float | torch.Tensor) -> torch.Tensor:
     magnitude = v.abs()
     if isinstance(exponent, torch.Tensor):
         return magnitude.pow_(exponent)
+    decomposed = _roots_and_power(exponent)
+    if decomposed is None:
+        return magnitude.pow_(exponent)
+    roots, power = decomposed
+    base = magnitude
+    for _ in range(roots):
+        base = base.sqrt_()
+    return base if power == 1 else base.pow(power)
+
+
+def _roots_and_power(exponent: float) -> tuple[int, int] | None:
+    """`exponent` as (r, p) with `|v| ** exponent = (|v| ** (1 / 2**r)) ** p`, r square roots and an
+    integer power, when `4 * exponent` is an integer from 1 to 16; None otherwise (`pow`)."""
     quarters = exponent * 4
     if quarters != round(quarters) or not 1 <= quarters <= 16:
-        return magnitude.pow_(exponent)
+        return None
     quarters = round(quarters)
     if quarters % 4 == 0:
-        base, power = magnitude, quarters // 4
-    elif quarters % 2 == 0:
-        base, power = magnitude.sqrt_(), quarters // 2
-    else:
-        base, power = magnitude.sqrt_().sqrt_(), quarters
-    return base if power == 1 else base.pow(power)
+        return 0, quarters // 4
+    if quarters % 2 == 0:
+        return 1, quarters // 2
+    return 2, quarters
 
 
 def abs_pow_is_positional_exact(exponent: float) -> bool:
@@ -72,12 +83,8 @@ def abs_pow_is_positional_exact(exponent: float) -> bool:
     tensor; `pow` with other exponents takes vectorised and scalar code paths that may differ in
     the last bit, so computing the same entries in a longer tensor could round differently.
     """
-    quarters = exponent * 4
-    if quarters != round(quarters) or not 1 <= quarters <= 16:
-        return False
-    quarters = round(quarters)
-    power = quarters // 4 if quarters % 4 == 0 else quarters // 2 if quarters % 2 == 0 else quarters
-    return power <= 3
+    decomposed = _roots_and_power(exponent)
+    return decomposed is not None and decomposed[1] <= 3
 
 
 class _SignedPower(torch.autograd.Function):
