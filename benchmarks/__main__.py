@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> Any:
          "<= 1.15x"],
         ["round_overhead", "dense round, each client alone / plain", f"{rounds['dense (alone)']:.2f}x", "-"],
         ["round_overhead", "SparsyFed round, each client alone / plain", f"{rounds['sparsyfed (alone)']:.2f}x", "-"],
+        ["round_overhead", "minimal LightningModule, each client alone / plain",
+         f"{rounds[round_overhead.FLOOR]:.2f}x", "-"],
         ["threshold_select", "topk selection, all layers / dense step",
          f"{thresholds['magnitude_threshold (topk)']:.2f}x", "-"],
     ]

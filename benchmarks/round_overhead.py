@@ -5,14 +5,19 @@ epoch, a fresh optimizer per client, the global state loaded before each client)
 client models; the product additionally encodes/decodes every message and computes its round
 metrics, i.e. everything a real round does except the central evaluation. Rounds are interleaved
 and the fastest of `--repeats` rounds is reported (interference on these shared machines only adds
-time), as a ratio to the plain loop of the same run. Each method is timed twice: every client fitted
-alone (the default), and all clients fitted as one stacked network (`trainer.stack_clients=10`).
+time), as a ratio to the plain loop of the same run. Each method is timed twice: all clients fitted
+as one stacked network (`trainer.stack_clients=10`, the default) and every client fitted alone.
+
+A third reference, the Lightning floor, is the plain loop's work done the way a Lightning user
+would write it: a minimal LightningModule (the same network, cross-entropy and SGD) fitted client by
+client by one reused barebones Trainer. It is what Lightning alone costs when clients train one at
+a time, with none of the product in it; the alone rounds are also given as ratios to it.
 
     python -m benchmarks.round_overhead                  # small CNN, 10 clients x 100 steps x batch 16, CPU
     python -m benchmarks.round_overhead --device cuda    # resnet18_cifar, 10 clients x 500 samples x batch 32
 
 `--backbone`, `--clients`, `--samples` and `--batch-size` override those sizes. Returns the plain
-round's seconds and each variant's ratio to it.
+round's seconds and each variant's (and the floor's) ratio to it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from __future__ import annotations
 import argparse
 import time
 
+import lightning as L
 import torch
 from torch import nn
 
 from benchmarks._common import BACKBONES, add_common_arguments, apply_common_arguments, print_table, synchronize
 from sparsyfed_lightning.client.module import ClientModule
 from sparsyfed_lightning.data.loaders import TensorBatchLoader
+from sparsyfed_lightning.federated.client_runner import quiet_lightning
 from sparsyfed_lightning.federated.trainer import FederatedTrainer
 from sparsyfed_lightning.methods import Dense, SparsyFed
 
@@ -69,6 +76,38 @@ def plain_round(net: nn.Module, data: SyntheticFederatedData, lr: float) -> None
     net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
 
 
+class LightningFloor(L.LightningModule):
+    """The least a Lightning fit does: the backbone, cross-entropy and the plain loop's SGD, stepped by
+    Lightning's default (automatic) optimization."""
+
+    def __init__(self, net: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=self.lr, weight_decay=1e-3)
+
+
+def lightning_floor_round(module: LightningFloor, trainer: L.Trainer, data: SyntheticFederatedData) -> None:
+    """`plain_round` with each client's epoch fitted by one reused barebones Trainer (as the product
+    reuses its client Trainer): what Lightning alone adds to a round of clients trained one at a time."""
+    net = module.net
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    total: dict[str, torch.Tensor] = {}
+    for cid in range(data.num_clients):
+        net.load_state_dict(global_state)
+        trainer.fit_loop.max_epochs = trainer.current_epoch + 1
+        trainer.fit(module, train_dataloaders=data.client_train_dataloader(cid, seed=cid))
+        for key, value in net.state_dict().items():
+            total[key] = total.get(key, 0) + value.double()
+    net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
+
+
 def product_round_times(method, data, backbone: str, kwargs: dict, device: torch.device, rounds: int,
                         stack_clients: int = 1):
     """Per-round seconds (training + aggregation, no evaluation) of `rounds` rounds of the product."""
@@ -78,6 +117,10 @@ def product_round_times(method, data, backbone: str, kwargs: dict, device: torch
                                stack_clients=stack_clients)
     trainer.fit(model, datamodule=data)
     return [m["time_train_s"] + m["time_aggregate_s"] for m in trainer.history[1:]]
+
+
+# A minimal LightningModule fitted client by client (`LightningFloor`): the alone rounds' floor.
+FLOOR = "Lightning floor (alone)"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | dict[str, float]]:
@@ -96,20 +139,28 @@ def main(argv: list[str] | None = None) -> dict[str, float | dict[str, float]]:
     kwargs, shape = BACKBONES[backbone]
     data = SyntheticFederatedData(args.clients, samples, shape, batch, device)
     plain_net = ClientModule(backbone, 10, backbone_kwargs=kwargs).net.to(device)
+    quiet_lightning()
+    floor_module = LightningFloor(ClientModule(backbone, 10, backbone_kwargs=kwargs).net, 0.05)
+    floor_trainer = L.Trainer(max_epochs=0, barebones=True, accelerator=device.type, devices=1)
 
     # (method, trainer.stack_clients): all 10 clients as one stacked network (the default), and
     # each client alone (unequal partitions, ZeroFL, the spectral variant, Flower ClientApps).
     variants = {"dense (stacked)": (Dense, args.clients), "sparsyfed (stacked)": (SparsyFed, args.clients),
                 "dense (alone)": (Dense, 1), "sparsyfed (alone)": (SparsyFed, 1)}
     plain: list[float] = []
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in [FLOOR, *variants]}
     plain_round(plain_net, data, 0.05)  # warm-up
+    lightning_floor_round(floor_module, floor_trainer, data)
     for _ in range(args.repeats):
         synchronize(device)
         start = time.perf_counter()
         plain_round(plain_net, data, 0.05)
         synchronize(device)
         plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        lightning_floor_round(floor_module, floor_trainer, data)
+        synchronize(device)
+        times[FLOOR].append(time.perf_counter() - start)
         # First round of a fresh run includes one-off set-up; SparsyFed's round 1 is dense (SPEC 9),
         # so time its round 2 onward.
         for name, (method, stack) in variants.items():
@@ -117,10 +168,14 @@ def main(argv: list[str] | None = None) -> dict[str, float | dict[str, float]]:
             times[name].append(min(product_round_times(method_object, data, backbone, kwargs, device, 3, stack)[1:]))
     base = min(plain)
     results = {name: min(values) / base for name, values in times.items()}
-    rows = [["plain PyTorch", f"{base:.3f}", "1.00x"]]
-    rows += [[name, f"{ratio * base:.3f}", f"{ratio:.2f}x"] for name, ratio in results.items()]
+    floor = results[FLOOR]
+    rows = [["plain PyTorch", f"{base:.3f}", "1.00x", ""]]
+    rows += [
+        [name, f"{ratio * base:.3f}", f"{ratio:.2f}x", f"{ratio / floor:.2f}x" if "alone" in name else ""]
+        for name, ratio in results.items()
+    ]
     print_table(f"round_overhead: {backbone}, {args.clients} clients x {samples} samples x batch {batch}, {device} "
-                "(target <= 1.15x)", ["round", "seconds", "ratio"], rows)
+                "(target <= 1.15x)", ["round", "seconds", "ratio", "/ floor"], rows)
     return {"plain_s": base, "ratios": results}
 
 

@@ -11,7 +11,8 @@ import math
 
 STEP_VARIANTS = {"dense", "powerprop", "powerprop+AP (first_batch)", "powerprop+AP (per_step)"}
 STEP_FIELDS = {"step_ms", "time_ratio", "saved_mib", "saved_ratio", "peak_mib", "peak_ratio"}
-ROUND_VARIANTS = {"dense (stacked)", "sparsyfed (stacked)", "dense (alone)", "sparsyfed (alone)"}
+ROUND_VARIANTS = {"dense (stacked)", "sparsyfed (stacked)", "dense (alone)", "sparsyfed (alone)",
+                  "Lightning floor (alone)"}
 METHODS = {"dense", "topk", "flash", "zerofl", "sparsyfed", "sparsyfed (per_step)", "sparsyfed (beta 1)",
            "sparsyfed_spectral"}
 PAPER_FIELDS = {"rounds_timed", "stacked_clients", "time_train_s", "time_aggregate_s", "time_eval_s", "round_s",

@@ -146,7 +146,18 @@ class ClientModule(L.LightningModule):
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.automatic_optimization:
+            return loss
+        # The lean step (`automatic_optimization = False`, set by the client runner): the same
+        # zero-grad, backward and step as Lightning's automatic loop, in this order, without its
+        # closure machinery. `manual_backward` and the wrapped optimizer's `step` still run the
+        # backward and before-optimizer-step hooks and the precision plugin.
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
 
     @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
