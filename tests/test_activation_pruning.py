@@ -20,7 +20,7 @@ from sparsyfed_lightning.sparse import (
     prunable_weights,
     unpack_bits,
 )
-from sparsyfed_lightning.sparse.activations import compact_capacity
+from sparsyfed_lightning.sparse.activations import compact_capacity, keep_mask, shrink_per_client
 
 
 def _sparsify_(weight: torch.Tensor, density: float, seed: int) -> None:
@@ -281,3 +281,19 @@ def test_densities_refreshed_on_the_device_every_step(threshold):
             torch.testing.assert_close(got, _weight_grad(conv, expected, upstream), rtol=1e-5, atol=1e-6)
             thresholds.append(float(frozen))
     assert (len(set(thresholds)) == 1) == (threshold == "first_batch")
+
+
+@pytest.mark.parametrize("clients", [1, 3])
+def test_shrinking_each_client_by_the_float_below_its_threshold_keeps_exactly_abs_x_at_or_above_it(clients):
+    x = torch.randn(5, 4 * clients, 3, 3, generator=torch.Generator().manual_seed(0))
+    thresholds = torch.tensor([0.3, 0.9, 1.4][:clients])
+    x[0, 0, 0, :3] = torch.tensor([0.3, -0.3, 0.0])  # ties at client 0's threshold, and a zero
+    threshold = thresholds[0] if clients == 1 else thresholds.view(1, clients, 1)
+    below = torch.nextafter(thresholds, torch.zeros(())).tolist()
+    expected = torch.where(keep_mask(x, threshold), x, 0)
+    got = shrink_per_client(x, below)
+    assert torch.equal(got, expected)
+    assert got[0, 0, 0, 0] == 0.3 and got[0, 0, 0, 1] == -0.3  # ties kept
+    for index in range(clients):  # every client's part really is cut at its own threshold
+        part = got.view(5, clients, -1)[:, index]
+        assert part[part != 0].abs().min() >= thresholds[index]

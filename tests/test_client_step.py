@@ -38,11 +38,33 @@ def _runner(method, module_class=ClientModule, **trainer_kwargs) -> tuple[Client
     return runner, round_one
 
 
+class _ModeRecorder(L.Callback):
+    """Records the module's optimization mode during each fit."""
+
+    def __init__(self) -> None:
+        self.automatic: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.automatic.append(pl_module.automatic_optimization)
+
+
+def _fit_recording_mode(runner: ClientRunner, received: dict[str, torch.Tensor]) -> tuple[dict, bool]:
+    """Fit client 1 from `received`; its update and whether Lightning's automatic loop ran."""
+    recorder = _ModeRecorder()
+    runner.trainer.callbacks.append(recorder)
+    try:
+        sent = decode_result(runner.fit(1, received, _loader(), 0.1, 5))
+    finally:
+        runner.trainer.callbacks.remove(recorder)
+    assert runner.module.automatic_optimization is True  # restored after the fit
+    return sent, recorder.automatic == [True]
+
+
 def _update(runner: ClientRunner, received: dict[str, torch.Tensor], automatic: bool,
             monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     monkeypatch.setattr(runner, "_needs_automatic_optimization", lambda module: automatic)
-    sent = decode_result(runner.fit(1, received, _loader(), 0.1, 5))
-    assert runner.module.automatic_optimization is automatic
+    sent, ran_automatic = _fit_recording_mode(runner, received)
+    assert ran_automatic is automatic
     return sent
 
 
@@ -74,17 +96,18 @@ def test_the_lean_step_runs_the_backward_and_optimizer_hooks_once_a_batch():
     runner, received = _runner(Dense())
     counter = _HookCounter()
     runner.trainer.callbacks.append(counter)
-    runner.fit(1, received, _loader(), 0.1, 5)
-    assert runner.module.automatic_optimization is False
+    _, ran_automatic = _fit_recording_mode(runner, received)
+    assert not ran_automatic
     assert counter.calls == dict.fromkeys(counter.calls, len(_loader()))
 
 
 def test_gradient_clipping_keeps_the_automatic_loop_and_clips():
     clipped_runner, received = _runner(Dense(), gradient_clip_val=1e-3)
-    clipped = decode_result(clipped_runner.fit(1, received, _loader(), 0.1, 5))
-    assert clipped_runner.module.automatic_optimization is True
+    clipped, ran_automatic = _fit_recording_mode(clipped_runner, received)
+    assert ran_automatic
     free_runner, _ = _runner(Dense())
-    free = decode_result(free_runner.fit(1, received, _loader(), 0.1, 5))
+    free, ran_automatic = _fit_recording_mode(free_runner, received)
+    assert not ran_automatic
     weight = "0.weight"
     moved_clipped = (clipped[weight] - received[weight]).norm()
     moved_free = (free[weight] - received[weight]).norm()
@@ -93,8 +116,8 @@ def test_gradient_clipping_keeps_the_automatic_loop_and_clips():
 
 def test_gradient_accumulation_keeps_the_automatic_loop():
     runner, received = _runner(Dense(), accumulate_grad_batches=2)
-    runner.fit(1, received, _loader(), 0.1, 5)
-    assert runner.module.automatic_optimization is True
+    _, ran_automatic = _fit_recording_mode(runner, received)
+    assert ran_automatic
 
 
 class _OwnStep(ClientModule):
@@ -107,6 +130,6 @@ class _OwnStep(ClientModule):
 
 def test_a_module_with_its_own_training_step_keeps_the_automatic_loop():
     runner, received = _runner(Dense(), module_class=_OwnStep)
-    sent = decode_result(runner.fit(1, received, _loader(), 0.1, 5))
-    assert runner.module.automatic_optimization is True
+    sent, ran_automatic = _fit_recording_mode(runner, received)
+    assert ran_automatic
     assert not torch.equal(sent["0.weight"], received["0.weight"])  # its loop stepped the optimizer

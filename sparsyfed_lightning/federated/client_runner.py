@@ -152,7 +152,10 @@ class ClientRunner:
         module.automatic_optimization = self._needs_automatic_optimization(module)
         L.seed_everything(seed, verbose=False)
         trainer.fit_loop.max_epochs = trainer.current_epoch + self.local_epochs
-        trainer.fit(module, train_dataloaders=loader)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:  # the module leaves the fit as it came (a later plain Trainer may clip gradients)
+            module.automatic_optimization = True
 
     def _needs_automatic_optimization(self, module: ClientModule) -> bool:
         """Whether a fit needs Lightning's automatic optimization loop rather than the lean step.
