@@ -4,7 +4,8 @@
    (`first_batch`, `per_step`): time, bytes saved for backward and, on CUDA, peak allocated memory
    (`benchmarks/sparse_step.py`).
 2. `round`: a federated round of 10 clients x 500 samples (ResNet-18, batch 32), clients stacked and
-   alone, dense and SparsyFed, against a plain PyTorch loop (`benchmarks/round_overhead.py`).
+   alone, dense and SparsyFed, against a plain PyTorch loop, and the Lightning floor (a minimal
+   LightningModule fitted client by client) (`benchmarks/round_overhead.py`).
 3. `syncs_per_step`: for every method, the host-device synchronisations per training step after a
    fit's first (two rounds, two clients stacked and one alone): the operations `HostSyncRecorder`
    finds and, on CUDA, the synchronisations CUDA's sync debug mode reports (`SyncWatch`).

@@ -78,6 +78,14 @@ def test_the_lean_step_sends_exactly_the_automatic_loops_update(name, monkeypatc
         assert torch.equal(lean[key], value), key
 
 
+def test_the_lean_step_matches_the_automatic_loop_under_mixed_precision(monkeypatch):
+    runner, received = _runner(SparsyFed(0.9), precision="bf16-mixed")
+    lean = _update(runner, received, False, monkeypatch)
+    automatic = _update(runner, received, True, monkeypatch)
+    for key, value in automatic.items():
+        assert torch.equal(lean[key], value), key
+
+
 class _HookCounter(L.Callback):
     def __init__(self) -> None:
         self.calls = {"on_before_backward": 0, "on_after_backward": 0, "on_before_optimizer_step": 0}
@@ -133,3 +141,24 @@ def test_a_module_with_its_own_training_step_keeps_the_automatic_loop():
     sent, ran_automatic = _fit_recording_mode(runner, received)
     assert ran_automatic
     assert not torch.equal(sent["0.weight"], received["0.weight"])  # its loop stepped the optimizer
+
+
+class _OwnOptimizerStep(ClientModule):
+    """A user's module that halves every gradient in its own `optimizer_step`."""
+
+    calls = 0
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:  # noqa: ANN001
+        _OwnOptimizerStep.calls += 1
+        optimizer_closure()
+        for parameter in self.net.parameters():
+            parameter.grad.mul_(0.5)
+        optimizer.step()
+
+
+def test_a_module_with_its_own_optimizer_step_keeps_the_automatic_loop_and_its_step_runs():
+    runner, received = _runner(Dense(), module_class=_OwnOptimizerStep)
+    before = _OwnOptimizerStep.calls
+    _, ran_automatic = _fit_recording_mode(runner, received)
+    assert ran_automatic
+    assert _OwnOptimizerStep.calls - before == len(_loader())

@@ -62,6 +62,11 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+# LightningModule methods of the automatic optimization loop: a `ClientModule` subclass that
+# overrides one of them keeps that loop for its fits (see `ClientRunner._needs_automatic_optimization`).
+AUTOMATIC_LOOP_HOOKS = ("training_step", "optimizer_step", "optimizer_zero_grad", "on_before_zero_grad")
+
+
 @dataclass
 class ClientResult:
     """What a client sends back: the encoded model and a few numbers."""
@@ -162,14 +167,13 @@ class ClientRunner:
 
         The lean step (`ClientModule.training_step`) is the same arithmetic with less Python per
         batch; gradient clipping and accumulation are features of the automatic loop only, and a
-        subclass with its own `training_step` expects that loop to run its backward and step.
+        subclass that overrides a step of that loop (`AUTOMATIC_LOOP_HOOKS`) expects it to run.
         """
         accumulate = self.trainer_kwargs.get("accumulate_grad_batches", 1)
-        return bool(
-            self.trainer_kwargs.get("gradient_clip_val")
-            or accumulate != 1
-            or type(module).training_step is not ClientModule.training_step
+        overridden = any(
+            getattr(type(module), name) is not getattr(ClientModule, name) for name in AUTOMATIC_LOOP_HOOKS
         )
+        return bool(self.trainer_kwargs.get("gradient_clip_val") or accumulate != 1 or overridden)
 
     def _result(
         self, cid: int, index: int, state: dict[str, torch.Tensor], num_samples: int, train_loss: float
