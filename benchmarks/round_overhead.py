@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -59,21 +60,30 @@ class SyntheticFederatedData:
         return TensorBatchLoader(self.inputs[0, :256], self.labels[0, :256], 256)
 
 
-def plain_round(net: nn.Module, data: SyntheticFederatedData, lr: float) -> None:
-    """Hand-written FedAvg round: load, train one epoch with fresh SGD, accumulate the average."""
+def fedavg_round(net: nn.Module, data: SyntheticFederatedData, train_client: Callable[[int], None]) -> None:
+    """Hand-written FedAvg round: load the global state, `train_client(cid)`, accumulate the average."""
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     total: dict[str, torch.Tensor] = {}
     for cid in range(data.num_clients):
         net.load_state_dict(global_state)
+        train_client(cid)
+        for key, value in net.state_dict().items():
+            total[key] = total.get(key, 0) + value.double()
+    net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
+
+
+def plain_round(net: nn.Module, data: SyntheticFederatedData, lr: float) -> None:
+    """`fedavg_round` training each client for one epoch with fresh SGD, by hand."""
+
+    def train_client(cid: int) -> None:
         net.train()
         optimizer = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=1e-3)
         for x, y in data.client_train_dataloader(cid, seed=cid):
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(net(x), y).backward()
             optimizer.step()
-        for key, value in net.state_dict().items():
-            total[key] = total.get(key, 0) + value.double()
-    net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
+
+    fedavg_round(net, data, train_client)
 
 
 class LightningFloor(L.LightningModule):
@@ -94,18 +104,14 @@ class LightningFloor(L.LightningModule):
 
 
 def lightning_floor_round(module: LightningFloor, trainer: L.Trainer, data: SyntheticFederatedData) -> None:
-    """`plain_round` with each client's epoch fitted by one reused barebones Trainer (as the product
+    """`fedavg_round` with each client's epoch fitted by one reused barebones Trainer (as the product
     reuses its client Trainer): what Lightning alone adds to a round of clients trained one at a time."""
-    net = module.net
-    global_state = {k: v.clone() for k, v in net.state_dict().items()}
-    total: dict[str, torch.Tensor] = {}
-    for cid in range(data.num_clients):
-        net.load_state_dict(global_state)
+
+    def train_client(cid: int) -> None:
         trainer.fit_loop.max_epochs = trainer.current_epoch + 1
         trainer.fit(module, train_dataloaders=data.client_train_dataloader(cid, seed=cid))
-        for key, value in net.state_dict().items():
-            total[key] = total.get(key, 0) + value.double()
-    net.load_state_dict({k: (v / data.num_clients).to(global_state[k].dtype) for k, v in total.items()})
+
+    fedavg_round(module.net, data, train_client)
 
 
 def product_round_times(method, data, backbone: str, kwargs: dict, device: torch.device, rounds: int,

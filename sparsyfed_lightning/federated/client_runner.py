@@ -6,10 +6,10 @@ number of local epochs (the Trainer-reuse pattern NVFlare uses). A fresh Trainer
 about 2.6x a plain PyTorch loop on GPU (DESIGN.md); reuse removes the construction and most setup.
 The fitting Trainer runs in Lightning's barebones mode (no logging, progress bar, checkpointing or
 model summary machinery in the step: measured here, 1.17x a plain loop's step instead of 1.35x with
-those features merely switched off), and unless gradient clipping or accumulation needs Lightning's
-automatic optimization loop, the module steps its optimizer itself (`automatic_optimization =
-False`: the same zero-grad, backward and step, with the same hooks, minus the closure machinery,
-about 0.1 ms a batch); evaluation, which logs its metrics, has its own Trainer.
+those features merely switched off), and unless gradient clipping, accumulation or a subclass
+overriding a step of Lightning's automatic optimization loop needs that loop, the module steps its
+optimizer itself (`automatic_optimization = False`: the same zero-grad, backward and step, with the
+same hooks, minus the closure machinery, about 0.1 ms a batch); evaluation, which logs its metrics, has its own Trainer.
 
 Client stacking (`fit_stacked`): clients whose loaders yield the same batch sizes can be fitted
 together as one stacked network (`models.stacked`) by a second module and Trainer, built once per

@@ -476,9 +476,10 @@ class ActivationPruning:
                 # cannot recognise as the layer's input: give the layer a contiguous one (same values).
                 x = x.contiguous()
                 replaced = (x, *args[1:])
+            compact = x.numel() >= self.min_compact_numel and not self.refresh_every_step
             if state.threshold is None or not state.freeze_threshold:
                 state.threshold = self._select_threshold(x, state)
-                if state.freeze_threshold and state.device_keep is None:
+                if state.freeze_threshold and state.device_keep is None and not compact:
                     below = torch.nextafter(state.threshold, state.threshold.new_zeros(()))
                     state.shrink = below.reshape(-1).tolist()  # the first batch may synchronise
             threshold = state.threshold
@@ -487,7 +488,7 @@ class ActivationPruning:
                 # does when its keep fraction is read on the host.
                 dense = state.device_keep.view(threshold.shape) >= 1.0
                 threshold = torch.where(dense, _smallest_positive(x.dtype), threshold)
-            state.hooks = saved_tensors_hooks(self._make_pack(x, state, threshold), _unpack)
+            state.hooks = saved_tensors_hooks(self._make_pack(x, state, threshold, compact), _unpack)
             state.hooks.__enter__()
             return replaced
 
@@ -544,10 +545,9 @@ class ActivationPruning:
         return CompactTensor(t, limited.reshape(keep.shape), sum(capacities))
 
     def _make_pack(
-        self, x: torch.Tensor, state: _LayerState, threshold: torch.Tensor
+        self, x: torch.Tensor, state: _LayerState, threshold: torch.Tensor, compact: bool
     ) -> Callable[[torch.Tensor], object]:
         input_ptr, input_numel = x.data_ptr(), x.numel()
-        compact = input_numel >= self.min_compact_numel and not self.refresh_every_step
 
         def pack(t: torch.Tensor) -> object:
             if t.data_ptr() == input_ptr and t.numel() == input_numel:
