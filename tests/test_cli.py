@@ -83,6 +83,7 @@ BAD_INPUTS = [
     (["--trainer.rounds", "-3"], "trainer.rounds must be an integer >= 1, got -3"),
     (["--trainer.rounds", "abc"], 'Parser key "trainer.rounds"'),
     (["--data.alpha", "0"], "data.alpha=0.0 is invalid"),
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
 ]
 
 

@@ -221,6 +221,8 @@ class FederatedTrainer(L.Trainer):
         self.progress_mode = progress
         if num_threads is not None:
             check_integer(num_threads, "trainer.num_threads", minimum=1)
+        if "accumulate_grad_batches" in kwargs:  # Lightning accepts 0 and fails in the first client fit
+            check_integer(kwargs["accumulate_grad_batches"], "trainer.accumulate_grad_batches", minimum=1)
         self.num_threads = num_threads
         check_federated_options(kwargs)
         # The round loop reports progress itself (`progress`). Lightning's default checkpointing and model
